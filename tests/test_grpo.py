@@ -1,0 +1,265 @@
+"""trl_kl.GRPOTrainer against hand-computed eq. 39 losses and stock TRL, on fixed batches."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import trl
+from transformers import AutoTokenizer
+
+from trl_kl import GRPOConfig, GRPOTrainer, kl
+from trl_kl.toy import correctness_reward, make_dataset
+
+B, G = 4, 2  # 2 prompts x 2 completions
+
+
+def _config(tmp_path, cls=GRPOConfig, **overrides):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=B,
+        num_generations=G,
+        max_completion_length=4,
+        report_to="none",
+        use_cpu=True,
+        beta=0.1,
+        epsilon=0.2,
+        loss_type="grpo",
+        seed=0,
+    )
+    base.update(overrides)
+    return cls(**base)
+
+
+def _trainer(toy_path, args, cls=GRPOTrainer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = cls(model=toy_path, reward_funcs=[correctness_reward], args=args, train_dataset=make_dataset(16, 0))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def _fixed_batch(trainer, seed=0):
+    """A fixed rollout: toy prompts, right-padded completions, old/ref log-probs at known offsets from the
+    current policy's (so the importance ratio is not 1: an off-policy batch)."""
+    tok = trainer.processing_class
+    prompts = tok(["12+34=", "12+34=", "7+8=", "7+8="], return_tensors="pt", padding=True, padding_side="left")
+    completion = tok(["46", "47", "15", "1"], return_tensors="pt", padding=True, padding_side="right")
+    eos = torch.full((B, 1), tok.eos_token_id)
+    completion_ids = torch.cat([completion.input_ids, eos], dim=1)
+    completion_mask = torch.cat([completion.attention_mask, torch.zeros(B, 1, dtype=torch.long)], dim=1)
+    completion_mask[torch.arange(B), completion.attention_mask.sum(1)] = 1  # eos right after the last token
+    completion_ids = torch.where(completion_mask.bool(), completion_ids, tok.pad_token_id)
+    input_ids = torch.cat([prompts.input_ids, completion_ids], 1)
+    attention = torch.cat([prompts.attention_mask, completion_mask], 1)
+    with torch.no_grad():
+        logps = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention, completion_ids.size(1))[0]
+    gen = torch.Generator().manual_seed(seed)
+    old = logps + 0.15 * torch.randn(logps.shape, generator=gen)
+    ref = logps + 0.5 * torch.randn(logps.shape, generator=gen)
+    return dict(
+        prompt_ids=prompts.input_ids,
+        prompt_mask=prompts.attention_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        advantages=torch.tensor([1.0, -1.0, 0.7, -0.7]),
+        old_per_token_logps=old,
+        ref_per_token_logps=ref,
+        num_items_in_batch=completion_mask.sum(),
+    ), logps
+
+
+def _hand_eq39_loss(logps, batch, penalty, beta, eps, scope):
+    """Eq. 39 by hand: R = A - beta * (carried penalty); loss = -min(rho R, clip(rho) R), 'grpo' averaging."""
+    mask = batch["completion_mask"].float()
+    T = mask.shape[1]
+    carried = torch.zeros_like(penalty)
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t]:
+                if scope == "token":
+                    carried[b, t] = penalty[b, t]
+                elif scope == "return_to_go":
+                    carried[b, t] = sum(penalty[b, u] for u in range(t, T) if mask[b, u])
+                else:
+                    carried[b, t] = sum(penalty[b, u] for u in range(T) if mask[b, u])
+    R = batch["advantages"][:, None] - beta * carried
+    rho = torch.exp(logps - batch["old_per_token_logps"])
+    per_token = -torch.min(rho * R, rho.clamp(1 - eps, 1 + eps) * R)
+    return ((per_token * mask).sum(1) / mask.sum(1)).mean()
+
+
+@pytest.mark.parametrize("scope", ["token", "return_to_go"])
+def test_k1_in_reward_matches_hand_computed_eq39(toy_path, tmp_path, scope):
+    trainer = _trainer(toy_path, _config(tmp_path, kl_reward_scope=scope, num_iterations=2))
+    batch, logps = _fixed_batch(trainer)
+    assert not torch.allclose(logps, batch["old_per_token_logps"])  # off-policy: ratio != 1
+    penalty = batch["old_per_token_logps"] - batch["ref_per_token_logps"]  # eq. 20: log(pi_old / pi_ref)
+    expected = _hand_eq39_loss(logps, batch, penalty, 0.1, 0.2, scope)
+    loss = trainer._compute_loss(trainer.model, batch)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert batch["advantages"].dim() == 1  # the rollout's advantages are not overwritten across iterations
+
+
+def test_k3_moved_into_reward_matches_hand_computed_eq35(toy_path, tmp_path):
+    with pytest.warns(UserWarning, match="biased"):
+        kl._warned.clear()
+        args = _config(tmp_path, kl_estimator="k3", kl_reward_scope="token", num_iterations=2)
+    trainer = _trainer(toy_path, args)
+    batch, logps = _fixed_batch(trainer)
+    penalty = 1 - torch.exp(batch["ref_per_token_logps"] - batch["old_per_token_logps"])  # eq. 35
+    expected = _hand_eq39_loss(logps, batch, penalty, 0.1, 0.2, "token")
+    torch.testing.assert_close(trainer._compute_loss(trainer.model, batch), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_scope_subtracts_summed_penalty_before_group_normalisation(toy_path, tmp_path):
+    """kl_reward_scope='sequence': A = norm_g(r - beta * sum_t log(pi_old/pi_ref)), on a real rollout."""
+    seen = []
+
+    def recording_reward(completions, answer, **kwargs):
+        # spread the rewards inside groups so the normalisation has something to divide
+        rewards = [r + 0.1 * len(c) for r, c in zip(correctness_reward(completions, answer), completions)]
+        seen.append(torch.tensor(rewards))
+        return rewards
+
+    args = _config(tmp_path, kl_reward_scope="sequence", beta=0.5, clip_std_min=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GRPOTrainer(model=toy_path, reward_funcs=[recording_reward], args=args, train_dataset=make_dataset(8, 0))
+    trainer.model.train()
+    torch.manual_seed(0)
+    inputs = [{"prompt": p, "answer": a} for p, a in zip(["12+34="] * 2 + ["7+8="] * 2, ["46"] * 2 + ["15"] * 2)]
+    out = trainer._generate_and_score_completions(inputs)
+    mask = out["completion_mask"].float()
+    # on-policy: TRL keeps no old log-probs, so the sequence scope computed them (one forward)
+    assert out["old_per_token_logps"] is not None
+    seq_penalty = ((out["old_per_token_logps"] - out["ref_per_token_logps"]) * mask).sum(1)
+    shaped = seen[-1] - 0.5 * seq_penalty
+    grouped = shaped.view(-1, G)
+    std = grouped.std(dim=1, keepdim=True).clamp(min=0.05)
+    expected = ((grouped - grouped.mean(dim=1, keepdim=True)) / std).view(-1)
+    torch.testing.assert_close(out["advantages"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_k2_as_loss_matches_hand_computed(toy_path, tmp_path):
+    """Loss placement off-policy: TRL's surrogate on A, plus beta * mean(rho_detached * k2)."""
+    trainer = _trainer(toy_path, _config(tmp_path, kl_estimator="k2", kl_placement="loss", num_iterations=2))
+    batch, logps = _fixed_batch(trainer)
+    mask = batch["completion_mask"].float()
+    zero = torch.zeros_like(logps)
+    surrogate = _hand_eq39_loss(logps, batch, zero, 0.0, 0.2, "token")
+    rho = torch.exp(logps - batch["old_per_token_logps"])
+    k2 = 0.5 * (logps - batch["ref_per_token_logps"]) ** 2
+    expected = surrogate + 0.1 * ((rho * k2 * mask).sum(1) / mask.sum(1)).mean()
+    torch.testing.assert_close(trainer._compute_loss(trainer.model, batch), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])
+def test_k3_loss_with_bias_correction_equals_stock_trl(toy_path, tmp_path, loss_type):
+    """kl_estimator='k3', kl_placement='loss', use_bias_correction_kl=True is exactly stock TRL 1.16's KL term:
+    same loss value and same gradient, for every loss_type (pins _aggregate_like_trl to TRL's normalisers)."""
+    common = dict(loss_type=loss_type, num_iterations=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours_args = _config(tmp_path, kl_estimator="k3", kl_placement="loss", use_bias_correction_kl=True, **common)
+    ours = _trainer(toy_path, ours_args)
+    stock = _trainer(toy_path, _config(tmp_path, cls=trl.GRPOConfig, **common), cls=trl.GRPOTrainer)
+    stock.model.load_state_dict(ours.model.state_dict())
+    batch, _ = _fixed_batch(ours)
+    losses, grads = [], []
+    for trainer in (ours, stock):
+        trainer.model.zero_grad()
+        loss = trainer._compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+    # float32, summed in another order: equal to rounding
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_beta_zero_equals_stock_trl(toy_path, tmp_path):
+    """beta = 0: same advantages from the same rollout (our clip_std-aware normalisation reproduces TRL's),
+    and the same loss on the same fixed batch."""
+    ours = _trainer(toy_path, _config(tmp_path, beta=0.0))
+    stock = _trainer(toy_path, _config(tmp_path, cls=trl.GRPOConfig, beta=0.0), cls=trl.GRPOTrainer)
+    stock.model.load_state_dict(ours.model.state_dict())
+    inputs = [{"prompt": p, "answer": a} for p, a in zip(["12+34="] * 2 + ["7+8="] * 2, ["46"] * 2 + ["15"] * 2)]
+    rollouts = []
+    for trainer in (ours, stock):
+        torch.manual_seed(0)
+        rollouts.append(trainer._generate_and_score_completions(inputs))
+    assert torch.equal(rollouts[0]["completion_ids"], rollouts[1]["completion_ids"])
+    torch.testing.assert_close(rollouts[0]["advantages"], rollouts[1]["advantages"], rtol=0, atol=1e-6)
+    batch, _ = _fixed_batch(ours)
+    batch.pop("ref_per_token_logps")
+    torch.testing.assert_close(ours._compute_loss(ours.model, dict(batch)), stock._compute_loss(stock.model, dict(batch)))
+
+
+def test_metrics_are_logged(toy_path, tmp_path):
+    trainer = _trainer(toy_path, _config(tmp_path, num_iterations=2))
+    batch, logps = _fixed_batch(trainer)
+    trainer._compute_loss(trainer.model, batch)
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    mask = batch["completion_mask"].float()
+    seq_kl = ((batch["old_per_token_logps"] - batch["ref_per_token_logps"]) * mask).sum(1).mean()
+    assert metrics["kl/seq_kl"] == pytest.approx(seq_kl.item(), rel=1e-5)
+    w = torch.exp(((logps - batch["old_per_token_logps"]) * mask).sum(1)).double()
+    assert metrics["is/ess"] == pytest.approx((w.sum() ** 2 / (len(w) * (w**2).sum())).item(), rel=1e-5)
+    ratio = torch.exp(logps - batch["old_per_token_logps"])
+    assert metrics["is/ratio_max"] == pytest.approx(ratio[mask.bool()].max().item(), rel=1e-5)
+    for key in ("kl/k1", "kl/k2", "kl/k3", "kl/penalty", "is/ratio_mean", "is/clip_frac", "kl"):
+        assert math.isfinite(metrics[key])
+
+
+BAD_CONFIGS = [
+    (dict(kl_estimator="k4"), "kl_estimator must be one of"),
+    (dict(kl_placement="advantage"), "kl_placement must be one of"),
+    (dict(kl_reward_scope="episode"), "kl_reward_scope must be one of"),
+    (dict(kl_estimator="k1", kl_placement="loss"), "zero expected gradient"),
+    (dict(kl_estimator="k2", kl_placement="reward"), "always positive"),
+    (dict(kl_estimator="full", kl_placement="reward"), "does not depend on the sampled token"),
+    (dict(kl_estimator="full", kl_placement="loss"), "memory-bounded"),
+    (dict(k3_clip_max=1.0), "k3_clip_max"),
+    (dict(k3_clip_max=float("inf")), "k3_clip_max"),
+    (dict(clip_std_min=0.5, clip_std_max=0.1), "clip_std_min"),
+    (dict(clip_std_min=0.0), "clip_std_min must be > 0"),
+    (dict(clip_std_max=-1.0), "clip_std_max must be > 0"),
+    (dict(beta=-0.1), "beta must be"),
+    (dict(beta=float("nan")), "beta must be"),
+    (dict(scale_rewards="sequence"), "scale_rewards must be one of"),
+    (dict(use_bias_correction_kl=True), "use_bias_correction_kl"),
+    (dict(use_bias_correction_kl=True, kl_placement="loss", kl_estimator="k2"), "use_bias_correction_kl"),
+    (dict(multi_objective_aggregation="normalize_then_sum", clip_std_min=0.1), "sum_then_normalize"),
+    (dict(loss_type="vespo"), "vespo"),
+    (dict(num_generations=3), "divisible by num_generations"),
+    (dict(num_generations=1, per_device_train_batch_size=4), "at least 2 generations"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_CONFIGS, ids=[m for _, m in BAD_CONFIGS])
+def test_invalid_config_raises_clearly(tmp_path, overrides, message):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=message):
+            _config(tmp_path, **overrides)
+
+
+def test_unsound_allowed_for_ablation(tmp_path):
+    args = _config(tmp_path, kl_estimator="k2", kl_placement="reward", allow_unsound_kl=True)
+    assert args.kl_estimator == "k2"
+
+
+def test_stock_config_is_refused(toy_path, tmp_path):
+    with pytest.raises(TypeError, match="trl_kl.GRPOConfig"):
+        GRPOTrainer(model=toy_path, reward_funcs=[correctness_reward], args=_config(tmp_path, cls=trl.GRPOConfig))
+
+
+def test_trlparser_reads_the_kl_fields(tmp_path):
+    parser = trl.TrlParser((GRPOConfig,))
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--kl_estimator", "k2", "--kl_placement", "loss", "--clip_std_min", "0.1",
+         "--num_generations", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true"]
+    )
+    assert (args.kl_estimator, args.kl_placement, args.clip_std_min) == ("k2", "loss", 0.1)

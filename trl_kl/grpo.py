@@ -1,0 +1,326 @@
+"""Drop-in ``GRPOConfig`` / ``GRPOTrainer``: off-policy GRPO with the KL in the per-token reward (eq. 39).
+
+``from trl_kl import GRPOConfig, GRPOTrainer`` instead of ``from trl import ...``. The math lives in
+``trl_kl.kl`` and ``trl_kl.advantages``; this module moves tensors between TRL 1.16's hooks and them:
+
+* ``_calculate_rewards`` keeps the gathered rewards, ``_generate_and_score_completions`` recomputes the
+  group-normalised advantages with clip_std (eq. 41) and, for ``kl_reward_scope="sequence"``, with the
+  completion's summed KL penalty subtracted from the reward first;
+* ``_compute_loss`` runs TRL's own surrogate (importance ratio, PPO-2 clip, every ``loss_type``) with
+  TRL's k3-as-loss term switched off, and ``_get_per_token_logps_and_entropies`` is where the
+  policy's log-probs become available: there the per-token advantage R = A - beta * penalty is formed
+  (reward placement), before TRL's surrogate reads it. The loss placement adds its own term after.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import trl
+
+from . import kl
+from .advantages import SCALE_MODES, effective_sample_size, group_normalized_advantages, validate_std_bounds
+
+
+@dataclass
+class GRPOConfig(trl.GRPOConfig):
+    """``trl.GRPOConfig`` plus where the KL goes and how it is estimated (NOTES §1-4, 7).
+
+    ``beta`` keeps TRL's meaning (the KL coefficient; 0 loads no reference model). TRL's own KL term
+    (k3 as a loss) is replaced by the one chosen here.
+    """
+
+    kl_estimator: str = field(
+        default="k1",
+        metadata={
+            "help": "KL estimator: 'k1' (log pi/pi_ref), 'k2' ((log r)^2/2), 'k3' (r - 1 - log r), 'k3_clip' "
+            "(k3 with r clamped at k3_clip_max), 'full' (exact over the vocabulary, loss placement).",
+            "choices": list(kl.ESTIMATORS),
+        },
+    )
+    kl_placement: str = field(
+        default="reward",
+        metadata={
+            "help": "'reward': a detached penalty in the per-token reward, under the same importance sampling and "
+            "clip as the advantage (eq. 39; sound with k1). 'loss': a differentiable loss term (sound with k2).",
+            "choices": list(kl.PLACEMENTS),
+        },
+    )
+    kl_reward_scope: str = field(
+        default="return_to_go",
+        metadata={
+            "help": "With kl_placement='reward', what each token carries: 'return_to_go' (penalties of tokens t..end, "
+            "the exact gradient of sequence KL, NOTES §7), 'token' (its own, eq. 39 literally), 'sequence' (the "
+            "summed penalty subtracted from the scalar reward before group normalisation).",
+            "choices": list(kl.REWARD_SCOPES),
+        },
+    )
+    k3_clip_max: float = field(
+        default=kl.DEFAULT_K3_CLIP_MAX,
+        metadata={"help": "Upper clamp of the ratio pi_ref/pi for kl_estimator='k3_clip' (appendix D uses 10)."},
+    )
+    clip_std_min: float | None = field(
+        default=None,
+        metadata={
+            "help": "Lower bound of the group std in advantage normalisation (eq. 41): advantages are at most "
+            "max|r - mean| / clip_std_min. None keeps TRL's std + 1e-4."
+        },
+    )
+    clip_std_max: float | None = field(
+        default=None, metadata={"help": "Upper bound of the group std in advantage normalisation (eq. 41)."}
+    )
+    use_bias_correction_kl: bool = field(
+        default=False,
+        metadata={
+            "help": "With kl_placement='loss': multiply the KL loss by the importance ratio *with* its gradient (TRL's "
+            "semantics, where it defaults to True). Then k1 and k3 as losses give the per-state KL gradient "
+            "(grad(rho k) = rho (k grad log pi + grad k)). False: a detached ratio, which keeps each estimator's "
+            "on-policy gradient off-policy."
+        },
+    )
+    allow_unsound_kl: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow estimator/placement pairs the paper shows to be unsound (k1 as loss, k2 or full in the "
+            "reward), for ablations. Biased pairs (k3) only warn."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kl_reward_scope not in kl.REWARD_SCOPES:
+            raise ValueError(f"kl_reward_scope must be one of {kl.REWARD_SCOPES}, got {self.kl_reward_scope!r}.")
+        if self.use_bias_correction_kl:
+            if self.kl_placement != "loss" or self.kl_estimator not in ("k1", "k3"):
+                raise ValueError(
+                    "use_bias_correction_kl=True (KL loss times the importance ratio with its gradient) is defined for "
+                    "kl_placement='loss' with kl_estimator 'k1' or 'k3', where it yields the per-state KL gradient "
+                    f"(TRL's default is k3); got kl_estimator={self.kl_estimator!r}, kl_placement={self.kl_placement!r}. "
+                    "Set use_bias_correction_kl=False."
+                )
+        else:
+            kl.validate_kl(self.kl_estimator, self.kl_placement, self.allow_unsound_kl)
+        if not (isinstance(self.k3_clip_max, (int, float)) and math.isfinite(self.k3_clip_max) and self.k3_clip_max > 1):
+            raise ValueError(f"k3_clip_max must be a finite number > 1 (a clamp on pi_ref/pi), got {self.k3_clip_max}.")
+        validate_std_bounds(self.clip_std_min, self.clip_std_max)
+        if not math.isfinite(self.beta) or self.beta < 0:
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta}.")
+        if self.scale_rewards not in SCALE_MODES:
+            raise ValueError(f"scale_rewards must be one of {SCALE_MODES}, got {self.scale_rewards!r}.")
+        if self.kl_estimator == "full":
+            raise ValueError(
+                "kl_estimator='full' (exact KL over the vocabulary) needs the memory-bounded chunked kernel, which "
+                "is not in this release yet; use kl_estimator='k2' with kl_placement='loss' for the same per-state "
+                "gradient from sampled tokens."
+            )
+        if self.multi_objective_aggregation == "normalize_then_sum" and (
+            self.clip_std_min is not None
+            or self.clip_std_max is not None
+            or (self.beta != 0 and self.kl_placement == "reward" and self.kl_reward_scope == "sequence")
+        ):
+            raise ValueError(
+                "clip_std_min/clip_std_max and kl_reward_scope='sequence' act on the summed reward: use "
+                "multi_objective_aggregation='sum_then_normalize' with them."
+            )
+        if self.kl_placement == "reward" and self.kl_reward_scope != "sequence" and self.loss_type == "vespo":
+            raise ValueError(
+                "loss_type='vespo' weights whole sequences by the sign of their advantage, so it cannot take "
+                "per-token KL-shaped advantages: use kl_reward_scope='sequence', kl_placement='loss', or another "
+                "loss_type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo)."
+            )
+
+
+@dataclass
+class _LossCall:
+    """State of one ``_compute_loss`` call, shared with the log-prob hook."""
+
+    inputs: dict
+    beta: float
+    logps: torch.Tensor | None = None
+
+
+class GRPOTrainer(trl.GRPOTrainer):
+    """``trl.GRPOTrainer`` with the KL term of ``trl_kl.GRPOConfig`` (see the module docstring)."""
+
+    def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, *pos, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = GRPOConfig(f"{name.split('/')[-1]}-GRPO")
+        if not isinstance(args, GRPOConfig):
+            raise TypeError(
+                "trl_kl.GRPOTrainer needs a trl_kl.GRPOConfig (it carries the KL fields): replace "
+                "`from trl import GRPOConfig` by `from trl_kl import GRPOConfig`."
+            )
+        super().__init__(model, reward_funcs, args, *pos, **kwargs)
+        self._loss_call: _LossCall | None = None
+        self._rewards_per_func: torch.Tensor | None = None
+
+    # ---- rollout: advantages with clip_std, sequence-scope penalty -------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Rewards of every process (TRL gathers them); kept to renormalise in _generate_and_score_completions.
+        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            return output  # TRL's own advantages (config refuses clip_std and sequence scope here)
+        rewards_per_func, self._rewards_per_func = self._rewards_per_func, None
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: advantage 0, as in TRL
+
+        if self._kl_in_reward and self.args.kl_reward_scope == "sequence":
+            if output.get("old_per_token_logps") is None:
+                output["old_per_token_logps"] = self._sampling_logps(output)
+            penalty = kl.reward_penalty(
+                self.args.kl_estimator, output["old_per_token_logps"], output["ref_per_token_logps"], self.args.k3_clip_max
+            )
+            sequence_penalty = kl.sequence_sum(penalty, self._loss_mask(output))
+            rewards = rewards - self.beta * self.accelerator.gather(sequence_penalty)
+
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        advantages = group_normalized_advantages(
+            rewards, group_size, self.scale_rewards, self.args.clip_std_min, self.args.clip_std_max
+        )
+        local = output["completion_ids"].size(0)
+        start = self.accelerator.process_index * local
+        output["advantages"] = advantages[start : start + local]
+        return output
+
+    @torch.no_grad()
+    def _sampling_logps(self, output) -> torch.Tensor:
+        """Log-probs of the sampling policy, when TRL did not compute them (on-policy): one no-grad forward,
+        needed only by kl_reward_scope='sequence', whose penalty enters the reward before normalisation."""
+        if "pixel_values" in output:
+            raise NotImplementedError("kl_reward_scope='sequence' on-policy is not supported for vision-language models.")
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        batch_size = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            self.model, input_ids, attention_mask, output["completion_ids"].size(1), batch_size=batch_size
+        )
+        return logps
+
+    # ---- loss: TRL's surrogate with our KL term ---------------------------------------------------------
+
+    @property
+    def _kl_in_reward(self) -> bool:
+        return self.beta != 0.0 and self.args.kl_placement == "reward"
+
+    @staticmethod
+    def _loss_mask(inputs) -> torch.Tensor:
+        mask = inputs["completion_mask"]
+        return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
+
+    def _compute_loss(self, model, inputs):
+        # A shallow copy: TRL reuses the rollout dict across num_iterations, the shaped advantages must not stick.
+        call = _LossCall(inputs=dict(inputs), beta=self.beta)
+        self._loss_call, self.beta = call, 0.0  # beta 0: TRL adds no k3 loss of its own; we own the KL term
+        try:
+            loss = super()._compute_loss(model, call.inputs)
+        finally:
+            self._loss_call, self.beta = None, call.beta
+        return loss + self._kl_loss_and_metrics(call)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        call = self._loss_call
+        if call is not None and call.logps is None:  # the policy forward of _compute_loss
+            call.logps = out[0]
+            if call.beta != 0.0 and self.args.kl_placement == "reward" and self.args.kl_reward_scope != "sequence":
+                inputs = call.inputs
+                old = inputs.get("old_per_token_logps")
+                old = out[0].detach() if old is None else old  # on-policy: the sampling policy is the current one
+                penalty = kl.reward_penalty(
+                    self.args.kl_estimator, old, inputs["ref_per_token_logps"], self.args.k3_clip_max
+                )
+                inputs["advantages"] = kl.kl_shaped_advantages(
+                    inputs["advantages"], penalty, self._loss_mask(inputs), call.beta, self.args.kl_reward_scope
+                )
+        return out
+
+    def _aggregate_like_trl(self, per_token: torch.Tensor, mask: torch.Tensor, inputs) -> torch.Tensor:
+        """Average a per-token loss term with the normaliser TRL 1.16 applies to ``self.loss_type``, so the KL
+        term weighs exactly as TRL's own KL term would (pinned by a test against stock TRL)."""
+        train = self.model.training
+        accumulation = self.current_gradient_accumulation_steps if train else 1.0
+        masked = per_token * mask
+        if self.loss_type in ("grpo", "sapo"):
+            return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+        if self.loss_type == "bnpo":
+            return masked.sum() / mask.sum().clamp(min=1.0) / accumulation
+        if self.loss_type == "dr_grpo":
+            return masked.sum() / (per_token.size(0) * self.max_completion_length) / accumulation
+        if self.loss_type == "luspo":
+            return masked.sum(-1).mean() / accumulation
+        # cispo, dapo, vespo: normalised by the number of loss tokens of the generation batch
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if train:
+            normalizer = normalizer * accumulation / self.args.steps_per_generation
+        return masked.sum() / normalizer
+
+    def _kl_loss_and_metrics(self, call: _LossCall) -> torch.Tensor | float:
+        inputs, logps = call.inputs, call.logps
+        mask = self._loss_mask(inputs).to(logps.dtype)
+        old = inputs.get("old_per_token_logps")
+        log_ratio = (logps.detach() - old) if old is not None else torch.zeros_like(logps)
+        self._log_importance_metrics(log_ratio, mask)
+        if call.beta == 0.0:
+            return 0.0
+
+        ref = inputs["ref_per_token_logps"]
+        sampling = logps.detach() if old is None else old
+        self._log_kl_metrics(logps.detach(), sampling, ref, mask)
+        if self.args.kl_placement == "reward":
+            return 0.0
+        # Loss placement: a detached importance ratio keeps each estimator's on-policy gradient off-policy
+        # (E_old[rho grad f] = E_pi[grad f]); on-policy it is exactly 1. use_bias_correction_kl keeps its gradient.
+        ratio = None
+        if self.args.use_bias_correction_kl:
+            sampling = logps.detach() if old is None else old
+            ratio = torch.exp((logps - sampling).clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
+        elif old is not None:
+            ratio = torch.exp(log_ratio.clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
+        per_token = kl.kl_loss(self.args.kl_estimator, logps, ref, self.args.k3_clip_max, importance_ratio=ratio)
+        self._log_mean("kl/penalty", per_token.detach(), mask)
+        return call.beta * self._aggregate_like_trl(per_token, mask, inputs)
+
+    # ---- metrics ------------------------------------------------------------------------------------
+
+    def _log_mean(self, name: str, values: torch.Tensor, mask: torch.Tensor | None = None, reduce: str = "mean"):
+        """Log a masked mean (or max) over every process's tokens under TRL's ``_metrics`` (averaged at log time)."""
+        mode = "train" if self.model.training else "eval"
+        values = values.detach().float()
+        if reduce == "max":
+            local = values[mask.bool()].max() if mask is not None and mask.any() else values.new_tensor(float("-inf"))
+            self._metrics[mode][name].append(self.accelerator.gather(local.reshape(1)).max().item())
+            return
+        mask = torch.ones_like(values) if mask is None else mask.float()
+        stats = torch.stack([(values * mask).sum(), mask.sum()])
+        total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
+        self._metrics[mode][name].append(total / max(count, 1.0))
+
+    def _log_importance_metrics(self, log_ratio: torch.Tensor, mask: torch.Tensor):
+        ratio = torch.exp(log_ratio.clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
+        outside = (ratio < 1 - self.epsilon_low) | (ratio > 1 + self.epsilon_high)
+        self._log_mean("is/ratio_mean", ratio, mask)
+        self._log_mean("is/ratio_max", ratio, mask, reduce="max")
+        self._log_mean("is/clip_frac", outside.float(), mask)
+        sequence_log_weights = self.accelerator.gather(kl.sequence_sum(log_ratio, mask))
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["is/ess"].append(effective_sample_size(sequence_log_weights).item())
+
+    def _log_kl_metrics(self, logps, sampling_logps, ref_logps, mask):
+        self._log_mean("kl/k1", kl.k1(logps, ref_logps), mask)
+        self._log_mean("kl/k2", kl.k2(logps, ref_logps), mask)
+        self._log_mean("kl/k3", kl.k3(logps, ref_logps), mask)
+        self._log_mean("kl", kl.k3(logps, ref_logps), mask)  # TRL's own "kl" key: per-token k3 mean
+        sequence_kl = kl.sequence_sum(kl.k1(sampling_logps, ref_logps), mask)
+        self._log_mean("kl/seq_kl", sequence_kl)
+        if self.args.kl_placement == "reward":
+            penalty = kl.reward_penalty(self.args.kl_estimator, sampling_logps, ref_logps, self.args.k3_clip_max)
+            self._log_mean("kl/penalty", penalty, mask)
