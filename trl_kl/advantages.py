@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .kl import masked
+
 SCALE_MODES = ("group", "batch", "none")
 
 TRL_STD_EPS = 1e-4
@@ -96,8 +98,7 @@ def gae(
     (value 0). delta_t = r_t + gamma V_{t+1} - V_t; A_t = delta_t + gamma lam A_{t+1}. Returns
     ``(advantages, returns)`` with ``returns = advantages + values``, both zero off the mask.
     """
-    mask = mask.to(values.dtype)
-    rewards, values = rewards * mask, values * mask
+    rewards, values = masked(rewards, mask), masked(values, mask)
     advantages = torch.zeros_like(values)
     next_value = values.new_zeros(values.shape[0])
     next_advantage = values.new_zeros(values.shape[0])
@@ -105,22 +106,23 @@ def gae(
         # A padded position passes the next real token's quantities through unchanged.
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         current = delta + gamma * lam * next_advantage
-        advantages[:, t] = current * mask[:, t]
-        next_value = torch.where(mask[:, t] > 0, values[:, t], next_value)
-        next_advantage = torch.where(mask[:, t] > 0, current, next_advantage)
-    return advantages, (advantages + values) * mask
+        real = mask[:, t].bool()
+        advantages[:, t] = torch.where(real, current, 0.0)
+        next_value = torch.where(real, values[:, t], next_value)
+        next_advantage = torch.where(real, current, next_advantage)
+    return advantages, masked(advantages + values, mask)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Whiten ``x`` over the masked-in entries (zero mean unless ``shift_mean`` is False, unit variance)."""
-    mask = mask.to(x.dtype)
+    x = masked(x, mask)
     n = mask.sum().clamp(min=1)
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / n
+    mean = x.sum() / n
+    var = masked((x - mean) ** 2, mask).sum() / n
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask
+    return masked(out, mask)
 
 
 def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:

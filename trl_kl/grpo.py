@@ -300,7 +300,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             self._metrics[mode][name].append(self.accelerator.gather(local.reshape(1)).max().item())
             return
         mask = torch.ones_like(values) if mask is None else mask.float()
-        stats = torch.stack([(values * mask).sum(), mask.sum()])
+        stats = torch.stack([kl.masked(values, mask).sum(), mask.sum()])
         total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
         self._metrics[mode][name].append(total / max(count, 1.0))
 

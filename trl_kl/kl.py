@@ -79,7 +79,7 @@ def k3_clip(logps: torch.Tensor, ref_logps: torch.Tensor, max_ratio: float = DEF
     """k3 with the ratio r clamped at ``max_ratio`` (appendix D: ``clip_r = clamp(r, max=10)``,
     ``k3_clip = clip_r - 1 - log r``). Clamping in log space keeps it exact and overflow-free."""
     lr = log_ratio(logps, ref_logps)
-    return torch.expm1(lr.clamp(-LOG_RATIO_BOUND, math.log(max_ratio))) - lr
+    return torch.expm1(lr.clamp(-LOG_RATIO_BOUND, min(LOG_RATIO_BOUND, math.log(max_ratio)))) - lr
 
 
 def estimate(
@@ -143,17 +143,22 @@ def reward_penalty(
     )
 
 
+def masked(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``per_token`` where ``mask`` is set, exactly 0 elsewhere (selection, not a product: a NaN or inf on a
+    padded position must not leak into sums)."""
+    return torch.where(mask.bool(), per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+
+
 def return_to_go(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Reverse cumulative sum inside each sequence's mask: out[b, t] = sum_{t' >= t} x[b, t'] mask[b, t'],
     zero on masked positions (NOTES §7: each token must carry the KL of the rest of the sequence, PPO's
     return with gamma = 1). ``(B, T) -> (B, T)``."""
-    masked = per_token * mask
-    return masked.flip(-1).cumsum(-1).flip(-1) * mask
+    return masked(masked(per_token, mask).flip(-1).cumsum(-1).flip(-1), mask)
 
 
 def sequence_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum over each sequence's mask, ``(B, T) -> (B,)``: the sequence-level KL estimate (NOTES §7)."""
-    return (per_token * mask).sum(-1)
+    return masked(per_token, mask).sum(-1)
 
 
 def scoped_penalty(penalty: torch.Tensor, mask: torch.Tensor, scope: str) -> torch.Tensor:
@@ -164,11 +169,11 @@ def scoped_penalty(penalty: torch.Tensor, mask: torch.Tensor, scope: str) -> tor
     * ``sequence``: the whole completion's sum on every token (exact in expectation, noisier).
     """
     if scope == "token":
-        return penalty * mask
+        return masked(penalty, mask)
     if scope == "return_to_go":
         return return_to_go(penalty, mask)
     if scope == "sequence":
-        return sequence_sum(penalty, mask).unsqueeze(-1) * mask
+        return masked(sequence_sum(penalty, mask).unsqueeze(-1).expand_as(penalty), mask)
     raise ValueError(f"kl_reward_scope must be one of {REWARD_SCOPES}, got {scope!r}")
 
 
