@@ -124,10 +124,11 @@ def test_grad_k3_is_one_minus_r(grad_pairs):
 
 
 def test_grad_k3_clip():
-    # r = 2.5 above the clip (2): clip_r is constant, d/dlogp(-log r) = 1; r = 0.4 below: 1 - r.
+    # The gradient coefficient is k3's, 1 - r, with r clamped: r = 2.5 above the clip (2) gives 1 - 2 = -1
+    # (not the +1 of the clamped value's literal derivative); r = 0.4 below gives 1 - 0.4.
     logps, ref = t64(math.log(P), math.log(Q)), t64(math.log(Q), math.log(P))
     grad = _grad(lambda a, b: kl.k3_clip(a, b, 2.0), logps, ref)
-    torch.testing.assert_close(grad, t64(1.0, 1 - 0.4), rtol=0, atol=1e-14)
+    torch.testing.assert_close(grad, t64(1 - 2.0, 1 - 0.4), rtol=0, atol=1e-14)
 
 
 def _on_policy_loss_grad(estimator, theta, ref_logp):

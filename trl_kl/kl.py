@@ -77,9 +77,21 @@ def k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 
 def k3_clip(logps: torch.Tensor, ref_logps: torch.Tensor, max_ratio: float = DEFAULT_K3_CLIP_MAX) -> torch.Tensor:
     """k3 with the ratio r clamped at ``max_ratio`` (appendix D: ``clip_r = clamp(r, max=10)``,
-    ``k3_clip = clip_r - 1 - log r``). Clamping in log space keeps it exact and overflow-free."""
+    ``k3_clip = clip_r - 1 - log r``): that is the value.
+
+    Its gradient is k3's coefficient with the same clamp, ``(1 - min(r, max_ratio)) grad log pi``, the
+    bounded form of Fig. 1's exploding term and the same coefficient as ``reward_penalty("k3_clip")``.
+    (The literal derivative of the clamped value would be ``+1`` above the clamp: it would push a token
+    that pi already under-weights further down.)"""
+    if not max_ratio > 1:
+        raise ValueError(f"k3_clip max_ratio must be > 1 (a clamp on pi_ref/pi), got {max_ratio}.")
     lr = log_ratio(logps, ref_logps)
-    return torch.expm1(lr.clamp(-LOG_RATIO_BOUND, min(LOG_RATIO_BOUND, math.log(max_ratio)))) - lr
+    clipped_ratio_m1 = torch.expm1(lr.clamp(-LOG_RATIO_BOUND, min(LOG_RATIO_BOUND, math.log(max_ratio))))
+    value = clipped_ratio_m1 - lr
+    if not logps.requires_grad:
+        return value
+    score = _as_float(logps) - _as_float(logps).detach()  # 0 in value, grad log pi in gradient
+    return value.detach() - clipped_ratio_m1.detach() * score
 
 
 def estimate(
@@ -227,7 +239,9 @@ class Soundness:
 
 SOUNDNESS: dict[tuple[str, str], Soundness] = {
     ("k1", "reward"): Soundness(
-        "sound", "k1 in the reward, log(pi_old/pi_ref) (eq. 20), is PPO's reward and gives the KL gradient."
+        "sound",
+        "k1 in the reward, log(pi_old/pi_ref) (eq. 20), is PPO's reward and gives the KL gradient; of whole "
+        "sequences with kl_reward_scope 'return_to_go' or 'sequence', per token only with 'token' (NOTES §7).",
     ),
     ("k1", "loss"): Soundness(
         "unsound",
@@ -240,7 +254,9 @@ SOUNDNESS: dict[tuple[str, str], Soundness] = {
         "(eq. 34).",
     ),
     ("k2", "loss"): Soundness(
-        "sound", "k2 as a loss has the same gradient as k1 in the reward on-policy (eq. 14, 61)."
+        "sound",
+        "k2 as a loss has the same gradient as k1 in the reward on-policy (eq. 14, 61): the per-state KL "
+        "gradient, not that of whole-sequence KL (NOTES §7).",
     ),
     ("k3", "reward"): Soundness(
         "biased",
@@ -259,13 +275,13 @@ SOUNDNESS: dict[tuple[str, str], Soundness] = {
     ),
     ("k3_clip", "loss"): Soundness(
         "biased",
-        "k3_clip as a loss follows a clipped reverse-KL gradient (appendix D): bounded, but not the "
-        "gradient of KL(pi || pi_ref).",
+        "k3_clip as a loss follows a clipped reverse-KL gradient, (1 - min(r, k3_clip_max)) grad log pi "
+        "(appendix D): bounded, but not the gradient of KL(pi || pi_ref).",
     ),
     ("full", "loss"): Soundness(
         "sound",
         "the exact per-state KL over the vocabulary as a loss gives the exact per-state KL gradient "
-        "(section 4, way 1).",
+        "(section 4, way 1), not that of whole-sequence KL (NOTES §7).",
     ),
     ("full", "reward"): Soundness(
         "unsound",
