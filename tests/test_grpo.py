@@ -8,66 +8,9 @@ import torch
 import trl
 from transformers import AutoTokenizer
 
+from grpo_batch import B, G, fixed_batch, make_config, make_trainer
 from trl_kl import GRPOConfig, GRPOTrainer, kl
 from trl_kl.toy import correctness_reward, make_dataset
-
-B, G = 4, 2  # 2 prompts x 2 completions
-
-
-def _config(tmp_path, cls=GRPOConfig, **overrides):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=B,
-        num_generations=G,
-        max_completion_length=4,
-        report_to="none",
-        use_cpu=True,
-        beta=0.1,
-        epsilon=0.2,
-        loss_type="grpo",
-        seed=0,
-    )
-    base.update(overrides)
-    return cls(**base)
-
-
-def _trainer(toy_path, args, cls=GRPOTrainer):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = cls(model=toy_path, reward_funcs=[correctness_reward], args=args, train_dataset=make_dataset(16, 0))
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    return trainer
-
-
-def _fixed_batch(trainer, seed=0):
-    """A fixed rollout: toy prompts, right-padded completions, old/ref log-probs at known offsets from the
-    current policy's (so the importance ratio is not 1: an off-policy batch)."""
-    tok = trainer.processing_class
-    prompts = tok(["12+34=", "12+34=", "7+8=", "7+8="], return_tensors="pt", padding=True, padding_side="left")
-    completion = tok(["46", "47", "15", "1"], return_tensors="pt", padding=True, padding_side="right")
-    eos = torch.full((B, 1), tok.eos_token_id)
-    completion_ids = torch.cat([completion.input_ids, eos], dim=1)
-    completion_mask = torch.cat([completion.attention_mask, torch.zeros(B, 1, dtype=torch.long)], dim=1)
-    completion_mask[torch.arange(B), completion.attention_mask.sum(1)] = 1  # eos right after the last token
-    completion_ids = torch.where(completion_mask.bool(), completion_ids, tok.pad_token_id)
-    input_ids = torch.cat([prompts.input_ids, completion_ids], 1)
-    attention = torch.cat([prompts.attention_mask, completion_mask], 1)
-    with torch.no_grad():
-        logps = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention, completion_ids.size(1))[0]
-    gen = torch.Generator().manual_seed(seed)
-    old = logps + 0.15 * torch.randn(logps.shape, generator=gen)
-    ref = logps + 0.5 * torch.randn(logps.shape, generator=gen)
-    return dict(
-        prompt_ids=prompts.input_ids,
-        prompt_mask=prompts.attention_mask,
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        advantages=torch.tensor([1.0, -1.0, 0.7, -0.7]),
-        old_per_token_logps=old,
-        ref_per_token_logps=ref,
-        num_items_in_batch=completion_mask.sum(),
-    ), logps
 
 
 def _hand_eq39_loss(logps, batch, penalty, beta, eps, scope):
@@ -92,8 +35,8 @@ def _hand_eq39_loss(logps, batch, penalty, beta, eps, scope):
 
 @pytest.mark.parametrize("scope", ["token", "return_to_go"])
 def test_k1_in_reward_matches_hand_computed_eq39(toy_path, tmp_path, scope):
-    trainer = _trainer(toy_path, _config(tmp_path, kl_reward_scope=scope, num_iterations=2))
-    batch, logps = _fixed_batch(trainer)
+    trainer = make_trainer(toy_path, make_config(tmp_path, kl_reward_scope=scope, num_iterations=2))
+    batch, logps = fixed_batch(trainer)
     assert not torch.allclose(logps, batch["old_per_token_logps"])  # off-policy: ratio != 1
     penalty = batch["old_per_token_logps"] - batch["ref_per_token_logps"]  # eq. 20: log(pi_old / pi_ref)
     expected = _hand_eq39_loss(logps, batch, penalty, 0.1, 0.2, scope)
@@ -105,9 +48,9 @@ def test_k1_in_reward_matches_hand_computed_eq39(toy_path, tmp_path, scope):
 def test_k3_moved_into_reward_matches_hand_computed_eq35(toy_path, tmp_path):
     with pytest.warns(UserWarning, match="biased"):
         kl._warned.clear()
-        args = _config(tmp_path, kl_estimator="k3", kl_reward_scope="token", num_iterations=2)
-    trainer = _trainer(toy_path, args)
-    batch, logps = _fixed_batch(trainer)
+        args = make_config(tmp_path, kl_estimator="k3", kl_reward_scope="token", num_iterations=2)
+    trainer = make_trainer(toy_path, args)
+    batch, logps = fixed_batch(trainer)
     penalty = 1 - torch.exp(batch["ref_per_token_logps"] - batch["old_per_token_logps"])  # eq. 35
     expected = _hand_eq39_loss(logps, batch, penalty, 0.1, 0.2, "token")
     torch.testing.assert_close(trainer._compute_loss(trainer.model, batch), expected, rtol=1e-5, atol=1e-6)
@@ -123,7 +66,7 @@ def test_sequence_scope_subtracts_summed_penalty_before_group_normalisation(toy_
         seen.append(torch.tensor(rewards))
         return rewards
 
-    args = _config(tmp_path, kl_reward_scope="sequence", beta=0.5, clip_std_min=0.05)
+    args = make_config(tmp_path, kl_reward_scope="sequence", beta=0.5, clip_std_min=0.05)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = GRPOTrainer(model=toy_path, reward_funcs=[recording_reward], args=args, train_dataset=make_dataset(8, 0))
@@ -144,8 +87,8 @@ def test_sequence_scope_subtracts_summed_penalty_before_group_normalisation(toy_
 
 def test_k2_as_loss_matches_hand_computed(toy_path, tmp_path):
     """Loss placement off-policy: TRL's surrogate on A, plus beta * mean(rho_detached * k2)."""
-    trainer = _trainer(toy_path, _config(tmp_path, kl_estimator="k2", kl_placement="loss", num_iterations=2))
-    batch, logps = _fixed_batch(trainer)
+    trainer = make_trainer(toy_path, make_config(tmp_path, kl_estimator="k2", kl_placement="loss", num_iterations=2))
+    batch, logps = fixed_batch(trainer)
     mask = batch["completion_mask"].float()
     zero = torch.zeros_like(logps)
     surrogate = _hand_eq39_loss(logps, batch, zero, 0.0, 0.2, "token")
@@ -162,11 +105,11 @@ def test_k3_loss_with_bias_correction_equals_stock_trl(toy_path, tmp_path, loss_
     common = dict(loss_type=loss_type, num_iterations=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ours_args = _config(tmp_path, kl_estimator="k3", kl_placement="loss", use_bias_correction_kl=True, **common)
-    ours = _trainer(toy_path, ours_args)
-    stock = _trainer(toy_path, _config(tmp_path, cls=trl.GRPOConfig, **common), cls=trl.GRPOTrainer)
+        ours_args = make_config(tmp_path, kl_estimator="k3", kl_placement="loss", use_bias_correction_kl=True, **common)
+    ours = make_trainer(toy_path, ours_args)
+    stock = make_trainer(toy_path, make_config(tmp_path, cls=trl.GRPOConfig, **common), cls=trl.GRPOTrainer)
     stock.model.load_state_dict(ours.model.state_dict())
-    batch, _ = _fixed_batch(ours)
+    batch, _ = fixed_batch(ours)
     losses, grads = [], []
     for trainer in (ours, stock):
         trainer.model.zero_grad()
@@ -182,8 +125,8 @@ def test_k3_loss_with_bias_correction_equals_stock_trl(toy_path, tmp_path, loss_
 def test_beta_zero_equals_stock_trl(toy_path, tmp_path):
     """beta = 0: same advantages from the same rollout (our clip_std-aware normalisation reproduces TRL's),
     and the same loss on the same fixed batch."""
-    ours = _trainer(toy_path, _config(tmp_path, beta=0.0))
-    stock = _trainer(toy_path, _config(tmp_path, cls=trl.GRPOConfig, beta=0.0), cls=trl.GRPOTrainer)
+    ours = make_trainer(toy_path, make_config(tmp_path, beta=0.0))
+    stock = make_trainer(toy_path, make_config(tmp_path, cls=trl.GRPOConfig, beta=0.0), cls=trl.GRPOTrainer)
     stock.model.load_state_dict(ours.model.state_dict())
     inputs = [{"prompt": p, "answer": a} for p, a in zip(["12+34="] * 2 + ["7+8="] * 2, ["46"] * 2 + ["15"] * 2)]
     rollouts = []
@@ -192,14 +135,14 @@ def test_beta_zero_equals_stock_trl(toy_path, tmp_path):
         rollouts.append(trainer._generate_and_score_completions(inputs))
     assert torch.equal(rollouts[0]["completion_ids"], rollouts[1]["completion_ids"])
     torch.testing.assert_close(rollouts[0]["advantages"], rollouts[1]["advantages"], rtol=0, atol=1e-6)
-    batch, _ = _fixed_batch(ours)
+    batch, _ = fixed_batch(ours)
     batch.pop("ref_per_token_logps")
     torch.testing.assert_close(ours._compute_loss(ours.model, dict(batch)), stock._compute_loss(stock.model, dict(batch)))
 
 
 def test_metrics_are_logged(toy_path, tmp_path):
-    trainer = _trainer(toy_path, _config(tmp_path, num_iterations=2))
-    batch, logps = _fixed_batch(trainer)
+    trainer = make_trainer(toy_path, make_config(tmp_path, num_iterations=2))
+    batch, logps = fixed_batch(trainer)
     trainer._compute_loss(trainer.model, batch)
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     mask = batch["completion_mask"].float()
@@ -243,17 +186,17 @@ def test_invalid_config_raises_clearly(tmp_path, overrides, message):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match=message):
-            _config(tmp_path, **overrides)
+            make_config(tmp_path, **overrides)
 
 
 def test_unsound_allowed_for_ablation(tmp_path):
-    args = _config(tmp_path, kl_estimator="k2", kl_placement="reward", allow_unsound_kl=True)
+    args = make_config(tmp_path, kl_estimator="k2", kl_placement="reward", allow_unsound_kl=True)
     assert args.kl_estimator == "k2"
 
 
 def test_stock_config_is_refused(toy_path, tmp_path):
     with pytest.raises(TypeError, match="trl_kl.GRPOConfig"):
-        GRPOTrainer(model=toy_path, reward_funcs=[correctness_reward], args=_config(tmp_path, cls=trl.GRPOConfig))
+        GRPOTrainer(model=toy_path, reward_funcs=[correctness_reward], args=make_config(tmp_path, cls=trl.GRPOConfig))
 
 
 def test_trlparser_reads_the_kl_fields(tmp_path):

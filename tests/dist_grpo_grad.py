@@ -1,0 +1,58 @@
+"""Run under ``torchrun --nproc_per_node N`` (CPU, gloo) by tests/test_grpo_distributed.py.
+
+Each process takes its slice of one fixed global batch of 8 completions, computes trl_kl's GRPO loss and its
+gradient; gradients are averaged over processes as DDP does. Rank 0 saves the averaged gradient. Then every
+process trains 2 real steps (generation, rewards gathered across processes, KL in the reward) and rank 0
+saves the losses.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from grpo_batch import fixed_batch, make_config, make_trainer  # noqa: E402
+
+from trl_kl.toy import toy_model_path  # noqa: E402
+
+GLOBAL_ROWS = 8
+
+
+def flat_grad(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def local_gradient(trainer, world, rank, **batch_kwargs):
+    batch, _ = fixed_batch(trainer, rows=GLOBAL_ROWS)
+    local = GLOBAL_ROWS // world
+    part = {k: (v[rank * local : (rank + 1) * local] if k != "num_items_in_batch" else v) for k, v in batch.items()}
+    trainer.model.zero_grad()
+    trainer._compute_loss(trainer.model, part).backward()
+    return flat_grad(trainer.model)
+
+
+def main(out_dir: str, placement: str, loss_type: str):
+    world = int(__import__("os").environ.get("WORLD_SIZE", 1))
+    rank = int(__import__("os").environ.get("RANK", 0))
+    tmp = Path(out_dir)
+    estimator = "k1" if placement == "reward" else "k2"
+    args = make_config(
+        tmp, per_device_train_batch_size=GLOBAL_ROWS // world, num_iterations=2, kl_placement=placement,
+        kl_estimator=estimator, loss_type=loss_type, max_steps=2, logging_steps=1, save_strategy="no",
+    )
+    trainer = make_trainer(toy_model_path(), args)
+    grad = local_gradient(trainer, world, rank)
+    if world > 1:
+        dist.all_reduce(grad)
+        grad /= world
+    trainer.model.zero_grad()
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    if rank == 0:
+        torch.save({"grad": grad, "losses": losses, "world": trainer.accelerator.num_processes}, tmp / f"result_{world}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

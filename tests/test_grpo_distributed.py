@@ -1,0 +1,28 @@
+"""Two processes (torchrun, CPU/gloo) give the same gradient as one on the same global batch, and train."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("placement, loss_type", [("reward", "dapo"), ("loss", "grpo")])
+def test_two_processes_match_one(toy_path, tmp_path, placement, loss_type):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(HERE / "dist_grpo_grad.py")
+    subprocess.run([sys.executable, script, str(tmp_path), placement, loss_type], check=True, env=env, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         script, str(tmp_path), placement, loss_type],
+        check=True, env=env, timeout=600,
+    )
+    one, two = torch.load(tmp_path / "result_1.pt"), torch.load(tmp_path / "result_2.pt")
+    assert two["world"] == 2, "torchrun did not start two processes"
+    torch.testing.assert_close(two["grad"], one["grad"], rtol=1e-5, atol=1e-5)
+    assert len(two["losses"]) == 2 and all(torch.isfinite(torch.tensor(two["losses"])))
