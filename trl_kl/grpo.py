@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -204,6 +205,28 @@ class GRPOTrainer(trl.GRPOTrainer):
             self.model, input_ids, attention_mask, output["completion_ids"].size(1), batch_size=batch_size
         )
         return logps
+
+    # ---- checkpoints: the rollout in flight is part of the training state ---------------------------------
+
+    def _rollout_state_path(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"trl_kl_rollout_state_rank{self.accelerator.process_index}.pt")
+
+    def _save_checkpoint(self, model, trial):
+        """Also save each process's buffered rollout and micro-step counter: a checkpoint taken between two
+        generations (steps_per_generation * num_iterations > 1) would otherwise lose the rollout still being
+        trained on, and the resumed run would regenerate off schedule (stock TRL 1.16 does)."""
+        super()._save_checkpoint(model, trial)
+        if self.args.save_only_model:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)  # as Trainer's per-process RNG state does
+        torch.save({"step": self._step, "buffered_inputs": self._buffered_inputs}, self._rollout_state_path(folder))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and os.path.exists(self._rollout_state_path(checkpoint)):
+            state = torch.load(self._rollout_state_path(checkpoint), map_location=self.accelerator.device, weights_only=False)
+            self._step, self._buffered_inputs = state["step"], state["buffered_inputs"]
 
     # ---- loss: TRL's surrogate with our KL term ---------------------------------------------------------
 
