@@ -206,3 +206,39 @@ def test_trlparser_reads_the_kl_fields(tmp_path):
          "--num_generations", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true"]
     )
     assert (args.kl_estimator, args.kl_placement, args.clip_std_min) == ("k2", "loss", 0.1)
+
+
+def test_adaptive_kl_coef_closed_form():
+    # Ziegler et al.: e = clip(kl/target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon
+    assert kl.adaptive_kl_coef(0.1, 0.3, 0.2, 1000, 100) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # clipped at +0.2
+    assert kl.adaptive_kl_coef(0.1, 0.19, 0.2, 1000, 100) == pytest.approx(0.1 * (1 - 0.05 * 0.1))
+    assert kl.adaptive_kl_coef(0.1, 0.0, 0.2, 1000, 100) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+
+
+def test_adaptive_kl_updates_beta_after_each_optimizer_step(toy_path, tmp_path):
+    """Two micro-steps of one optimizer step: beta moves once, with the mean sequence KL of both batches."""
+    args = make_config(tmp_path, num_iterations=2, kl_target=0.01, kl_horizon=50.0, gradient_accumulation_steps=2)
+    trainer = make_trainer(toy_path, args)
+    trainer.current_gradient_accumulation_steps = 2
+    batches = [fixed_batch(trainer, seed=seed)[0] for seed in (0, 1)]
+    trainer._buffered_inputs, trainer._step = batches, 2  # mid-rollout: TRL serves the buffered batches
+    seq_kls = []
+    for batch in batches:
+        mask = batch["completion_mask"].float()
+        seq_kls.append(((batch["old_per_token_logps"] - batch["ref_per_token_logps"]) * mask).sum(1))
+        trainer.training_step(trainer.model, [{}], batch["num_items_in_batch"])
+        assert trainer.beta == 0.1 or len(seq_kls) == 2  # unchanged until the optimizer step ends
+    observed = torch.cat(seq_kls).mean().item()
+    error = min(max(observed / 0.01 - 1, -0.2), 0.2)
+    assert trainer.beta == pytest.approx(0.1 * (1 + error * 2 * B / 50.0), rel=1e-6)
+    assert trainer._metrics["train"]["kl/coef"][-1] == trainer.beta
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(kl_target=0.0), "kl_target must be"),
+    (dict(kl_target=0.1, beta=0.0), "initial beta > 0"),
+    (dict(kl_horizon=0.0), "kl_horizon must be"),
+])
+def test_invalid_adaptive_kl_config(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **overrides)

@@ -34,7 +34,8 @@ def _logged(trainer, key):
 def test_lora_reference_is_the_adapter_disabled_base(toy_path, tmp_path):
     """With LoRA the reference is the base model (adapter off): at the first step the fresh adapter is the
     identity, so the KL is exactly 0; training moves the adapter, not the base weights."""
-    args = make_config(tmp_path, max_steps=3, learning_rate=5e-3, logging_steps=1, save_strategy="no", num_iterations=2)
+    args = make_config(tmp_path, max_steps=3, learning_rate=5e-3, logging_steps=1, save_strategy="no",
+                       per_device_train_batch_size=16, num_generations=4)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = _train(toy_path, args, peft_config=lora)
     seq_kl = _logged(trainer, "kl/seq_kl")

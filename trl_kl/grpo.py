@@ -72,6 +72,16 @@ class GRPOConfig(trl.GRPOConfig):
     clip_std_max: float | None = field(
         default=None, metadata={"help": "Upper bound of the group std in advantage normalisation (eq. 41)."}
     )
+    kl_target: float | None = field(
+        default=None,
+        metadata={
+            "help": "Adaptive KL control (Ziegler et al. 2019): after each optimizer step, beta is moved towards the "
+            "value that keeps the sequence KL at kl_target. None: beta stays fixed."
+        },
+    )
+    kl_horizon: float = field(
+        default=10000.0, metadata={"help": "Adaptive KL control horizon, in samples (TRL's old PPO default)."}
+    )
     use_bias_correction_kl: bool = field(
         default=False,
         metadata={
@@ -108,6 +118,13 @@ class GRPOConfig(trl.GRPOConfig):
         validate_std_bounds(self.clip_std_min, self.clip_std_max)
         if not math.isfinite(self.beta) or self.beta < 0:
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta}.")
+        if self.kl_target is not None:
+            if not (math.isfinite(self.kl_target) and self.kl_target > 0):
+                raise ValueError(f"kl_target must be a finite number > 0 (a sequence KL, in nats), got {self.kl_target}.")
+            if self.beta == 0:
+                raise ValueError("kl_target adapts beta multiplicatively, so it needs an initial beta > 0 (e.g. 0.04).")
+        if not (math.isfinite(self.kl_horizon) and self.kl_horizon > 0):
+            raise ValueError(f"kl_horizon must be a finite number > 0, got {self.kl_horizon}.")
         if self.scale_rewards not in SCALE_MODES:
             raise ValueError(f"scale_rewards must be one of {SCALE_MODES}, got {self.scale_rewards!r}.")
         if self.kl_estimator == "full":
@@ -157,6 +174,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
         self._loss_call: _LossCall | None = None
         self._rewards_per_func: torch.Tensor | None = None
+        self._step_kl = torch.zeros(2, dtype=torch.float64)  # (sum of sequence KLs, sequences) this optimizer step
 
     # ---- rollout: advantages with clip_std, sequence-scope penalty -------------------------------------
 
@@ -220,13 +238,35 @@ class GRPOTrainer(trl.GRPOTrainer):
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         os.makedirs(folder, exist_ok=True)  # as Trainer's per-process RNG state does
-        torch.save({"step": self._step, "buffered_inputs": self._buffered_inputs}, self._rollout_state_path(folder))
+        state = {"step": self._step, "buffered_inputs": self._buffered_inputs, "beta": self.beta}
+        torch.save(state, self._rollout_state_path(folder))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and os.path.exists(self._rollout_state_path(checkpoint)):
             state = torch.load(self._rollout_state_path(checkpoint), map_location=self.accelerator.device, weights_only=False)
-            self._step, self._buffered_inputs = state["step"], state["buffered_inputs"]
+            self._step, self._buffered_inputs, self.beta = state["step"], state["buffered_inputs"], state["beta"]
+
+    # ---- adaptive KL control ------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        output = super().training_step(model, inputs, num_items_in_batch)
+        if self._step % self.current_gradient_accumulation_steps == 0:  # an optimizer step ends (as TRL counts)
+            self._end_of_optimizer_step()
+        return output
+
+    def _end_of_optimizer_step(self):
+        """Adaptive KL control: move beta with the sequence KL of the samples of this optimizer step, the
+        same on every process (the KL sums are reduced over processes)."""
+        if self.args.kl_target is not None:
+            totals = self.accelerator.reduce(self._step_kl.to(self.accelerator.device), reduction="sum").tolist()
+            if totals[1] > 0:
+                self.beta = kl.adaptive_kl_coef(
+                    self.beta, totals[0] / totals[1], self.args.kl_target, self.args.kl_horizon, int(totals[1])
+                )
+        self._step_kl.zero_()
+        if self.beta != 0.0:
+            self._metrics["train"]["kl/coef"].append(self.beta)
 
     # ---- loss: TRL's surrogate with our KL term ---------------------------------------------------------
 
@@ -344,6 +384,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._log_mean("kl", kl.k3(logps, ref_logps), mask)  # TRL's own "kl" key: per-token k3 mean
         sequence_kl = kl.sequence_sum(kl.k1(sampling_logps, ref_logps), mask)
         self._log_mean("kl/seq_kl", sequence_kl)
+        if self.model.training:
+            self._step_kl += torch.tensor([sequence_kl.sum().item(), sequence_kl.numel()], dtype=torch.float64)
         if self.args.kl_placement == "reward":
             penalty = kl.reward_penalty(self.args.kl_estimator, sampling_logps, ref_logps, self.args.k3_clip_max)
             self._log_mean("kl/penalty", penalty, mask)

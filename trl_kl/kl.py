@@ -226,6 +226,14 @@ def kl_loss(
     return per_token
 
 
+def adaptive_kl_coef(beta: float, observed_kl: float, target: float, horizon: float, n_samples: int) -> float:
+    """Adaptive KL coefficient (Ziegler et al. 2019, eq. 2; TRL's former ``AdaptiveKLController``):
+    ``e = clip(observed / target - 1, -0.2, 0.2)``, ``beta <- beta * (1 + e * n_samples / horizon)``.
+    ``observed_kl`` is the sequence-level KL of the samples just trained on, ``n_samples`` their count."""
+    error = min(max(observed_kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_samples / horizon)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Which (estimator, placement) combinations are sound (NOTES §2, the paper's section 1 table)
 # ---------------------------------------------------------------------------------------------------
