@@ -37,16 +37,19 @@ def reward_function(name: str):
     raise ValueError(f"Unknown reward function {name!r}: use one of trl_kl.toy's or trl.rewards'.")
 
 
-def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args: ModelConfig):
+def load_data(script_args: GRPOScriptArguments, training_args, model_args: ModelConfig):
+    """(model name or path, train dataset, eval dataset): the offline toy task for ``toy``, else the hub."""
     if model_args.model_name_or_path == "toy":
         model = toy.toy_model_path()
         train_dataset = toy.make_dataset(script_args.toy_train_size, seed=training_args.seed, split="train")
-        eval_dataset = toy.make_dataset(64, seed=training_args.seed, split="test")
-    else:
-        model = model_args.model_name_or_path
-        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
-        train_dataset = dataset[script_args.dataset_train_split]
-        eval_dataset = dataset.get(script_args.dataset_test_split)
+        return model, train_dataset, toy.make_dataset(64, seed=training_args.seed, split="test")
+    dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+    eval_dataset = dataset.get(script_args.dataset_test_split)
+    return model_args.model_name_or_path, dataset[script_args.dataset_train_split], eval_dataset
+
+
+def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args: ModelConfig):
+    model, train_dataset, eval_dataset = load_data(script_args, training_args, model_args)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[reward_function(name) for name in script_args.reward_funcs],

@@ -9,17 +9,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trl_kl import GRPOConfig
+from trl_kl import GRPOConfig, PPOConfig
 
 ROOT = Path(__file__).parent.parent
+CONFIGS = {"grpo_offpolicy.yaml": GRPOConfig, "grpo_onpolicy_trl_default.yaml": GRPOConfig, "ppo.yaml": PPOConfig}
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "recipes").glob("grpo*.yaml")), ids=lambda p: p.name)
-def test_recipe_yaml_is_a_valid_config(config, tmp_path):
-    values = yaml.safe_load(config.read_text())
+def test_every_recipe_yaml_is_checked():
+    assert {p.name for p in (ROOT / "recipes").glob("*.yaml")} - {"dpo_online.yaml"} == set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_recipe_yaml_is_a_valid_config(name, tmp_path):
+    values = yaml.safe_load((ROOT / "recipes" / name).read_text())
     values.pop("model_name_or_path")
     values.update(output_dir=str(tmp_path), use_cpu=True)
-    args = GRPOConfig(**values)
+    args = CONFIGS[name](**values)
     assert args.beta > 0 and args.kl_estimator in ("k1", "k2", "k3")
 
 

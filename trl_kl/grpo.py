@@ -185,30 +185,40 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
+        rewards_per_func, self._rewards_per_func = self._rewards_per_func, None
         if self.multi_objective_aggregation != "sum_then_normalize":
             return output  # TRL's own advantages (config refuses clip_std and sequence scope here)
-        rewards_per_func, self._rewards_per_func = self._rewards_per_func, None
         rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: advantage 0, as in TRL
+        output["advantages"] = self._advantages(output, rewards)
+        return output
 
+    def _advantages(self, output: dict, rewards: torch.Tensor) -> torch.Tensor:
+        """This process's advantages from the scalar rewards of every process, ``(B_global,)``: group
+        normalisation with clip_std (eq. 41), after subtracting the summed KL penalty for the sequence scope."""
         if self._kl_in_reward and self.args.kl_reward_scope == "sequence":
-            if output.get("old_per_token_logps") is None:
-                output["old_per_token_logps"] = self._sampling_logps(output)
-            penalty = kl.reward_penalty(
-                self.args.kl_estimator, output["old_per_token_logps"], output["ref_per_token_logps"], self.args.k3_clip_max
-            )
+            penalty = self._rollout_penalty(output)
             sequence_penalty = kl.sequence_sum(penalty, self._loss_mask(output))
             rewards = rewards - self.beta * self.accelerator.gather(sequence_penalty)
-
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         advantages = group_normalized_advantages(
             rewards, group_size, self.scale_rewards, self.args.clip_std_min, self.args.clip_std_max
         )
+        return advantages[self._process_slice(output)]
+
+    def _process_slice(self, output: dict) -> slice:
         local = output["completion_ids"].size(0)
-        start = self.accelerator.process_index * local
-        output["advantages"] = advantages[start : start + local]
-        return output
+        return slice(self.accelerator.process_index * local, (self.accelerator.process_index + 1) * local)
+
+    def _rollout_penalty(self, output: dict) -> torch.Tensor:
+        """Per-token KL penalty of the rollout, for the sampling policy (eq. 20/35), ``(B, T)``. Stores the
+        sampling log-probs in ``output`` when TRL did not (then the loss's importance ratio uses them too)."""
+        if output.get("old_per_token_logps") is None:
+            output["old_per_token_logps"] = self._sampling_logps(output)
+        return kl.reward_penalty(
+            self.args.kl_estimator, output["old_per_token_logps"], output["ref_per_token_logps"], self.args.k3_clip_max
+        )
 
     @torch.no_grad()
     def _sampling_logps(self, output) -> torch.Tensor:
@@ -274,6 +284,12 @@ class GRPOTrainer(trl.GRPOTrainer):
     def _kl_in_reward(self) -> bool:
         return self.beta != 0.0 and self.args.kl_placement == "reward"
 
+    @property
+    def _penalty_shapes_advantages_in_loss(self) -> bool:
+        """Whether the per-token penalty is added to the advantages inside the loss (token and return-to-go
+        scopes); the sequence scope put it into the reward at rollout already."""
+        return self.args.kl_placement == "reward" and self.args.kl_reward_scope != "sequence"
+
     @staticmethod
     def _loss_mask(inputs) -> torch.Tensor:
         mask = inputs["completion_mask"]
@@ -294,7 +310,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         call = self._loss_call
         if call is not None and call.logps is None:  # the policy forward of _compute_loss
             call.logps = out[0]
-            if call.beta != 0.0 and self.args.kl_placement == "reward" and self.args.kl_reward_scope != "sequence":
+            if call.beta != 0.0 and self._penalty_shapes_advantages_in_loss:
                 inputs = call.inputs
                 old = inputs.get("old_per_token_logps")
                 old = out[0].detach() if old is None else old  # on-policy: the sampling policy is the current one

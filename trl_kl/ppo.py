@@ -1,0 +1,222 @@
+"""``PPOConfig`` / ``PPOTrainer`` on TRL 1.16: a critic, GAE, and the KL inside the per-token reward (eq. 20).
+
+TRL deleted its PPOTrainer; this one reuses TRL's GRPO rollout machinery through ``trl_kl.GRPOTrainer``
+(generation, vLLM, reward functions and models, reference and old log-probs, ``num_iterations``,
+``steps_per_generation``, the clipped surrogate, DDP/DeepSpeed/FSDP) and replaces the group baseline by a
+value model. At each rollout:
+
+    r_t = -beta * penalty_t  (+ the scalar score on the last completion token)     (eq. 20: k1 -> log pi_old/pi_ref)
+    A_t, R_t = GAE(r, V_old; gamma, lam)                                           (trl_kl.advantages.gae)
+
+then TRL's surrogate trains the policy on A_t, and the critic is trained on the clipped value loss
+against R_t with its own optimizer. See docs/ppo.md for why GRPOTrainer is the base.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForTokenClassification, PreTrainedModel
+
+from . import kl
+from .advantages import gae, masked_whiten
+from .grpo import GRPOConfig, GRPOTrainer
+
+
+@dataclass
+class PPOConfig(GRPOConfig):
+    """``trl_kl.GRPOConfig`` for PPO: one completion per prompt (``num_generations=1``), a critic, GAE.
+    The KL fields (``beta``, ``kl_estimator``, ``kl_placement``, ``kl_target``, ...) are GRPO's, with the
+    same validation; with ``kl_placement="reward"`` the penalty enters the per-token reward before GAE,
+    which carries it backwards (``kl_reward_scope`` does not apply)."""
+
+    num_generations: int | None = field(
+        default=1, metadata={"help": "Completions per prompt. PPO's baseline is the critic, so 1 is the default."}
+    )
+    value_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Critic initialisation (a scalar head is added). None: the policy's checkpoint."},
+    )
+    value_learning_rate: float | None = field(
+        default=None, metadata={"help": "Critic learning rate (AdamW). None: the policy's learning_rate."}
+    )
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss (TRL's former PPO default)."})
+    cliprange_value: float = field(
+        default=0.2, metadata={"help": "Clip range of the value prediction around the rollout's value."}
+    )
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE."})
+    lam: float = field(default=0.95, metadata={"help": "Lambda of GAE."})
+    whiten_advantages: bool = field(
+        default=True, metadata={"help": "Whiten the advantages over the rollout's completion tokens."}
+    )
+
+    def __post_init__(self):
+        if self.num_generations is None or self.num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1, got {self.num_generations}.")
+        # TRL's GRPOConfig refuses num_generations < 2 (its group baseline); PPO's baseline is the critic. Its
+        # checks run with a stand-in group size that divides every generation batch, then 1 is restored.
+        single = self.num_generations == 1
+        if single:
+            if self.per_device_train_batch_size < 2:
+                raise ValueError("trl_kl's PPO needs per_device_train_batch_size >= 2 (TRL's batch checks).")
+            self.num_generations = self.per_device_train_batch_size
+            self.num_generations_eval = self.num_generations_eval or 1
+        try:
+            super().__post_init__()
+        finally:
+            if single:
+                self.num_generations = 1
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.cliprange_value <= 0:
+            raise ValueError(f"cliprange_value must be > 0, got {self.cliprange_value}.")
+        if self.vf_coef < 0:
+            raise ValueError(f"vf_coef must be >= 0, got {self.vf_coef}.")
+        if self.value_learning_rate is not None and self.value_learning_rate <= 0:
+            raise ValueError(f"value_learning_rate must be > 0, got {self.value_learning_rate}.")
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss (PPO2; TRL's former PPOTrainer): 0.5 * masked mean of
+    max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2). Returns ``(loss, clip fraction)``."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    n = mask.sum().clamp(min=1)
+    loss = 0.5 * kl.masked(losses, mask).sum() / n
+    clip_frac = kl.masked(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask).sum() / n
+    return loss, clip_frac
+
+
+def token_rewards(scores: torch.Tensor, penalty: torch.Tensor | None, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token rewards ``(B, T)``: ``-beta * penalty_t`` on every completion token plus the scalar score
+    on the last one (eq. 20; Ziegler et al. 2019). NaN scores (unscorable completions) count as 0."""
+    mask = mask.bool()
+    rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if penalty is not None:
+        rewards = rewards - beta * kl.masked(penalty.float(), mask)
+    last = (mask.long().cumsum(-1) == mask.sum(-1, keepdim=True)) & mask  # the last completion token
+    return rewards + kl.masked(torch.nan_to_num(scores.float(), nan=0.0).unsqueeze(-1).expand_as(rewards), last)
+
+
+class PPOTrainer(GRPOTrainer):
+    """PPO with a critic and GAE on TRL's rollout machinery (see the module docstring).
+
+    ``value_model``: an ``AutoModelForTokenClassification``-style model with one label, or None to build
+    one from ``args.value_model_name_or_path`` (default: the policy's checkpoint)."""
+
+    def __init__(self, model, reward_funcs, args: PPOConfig | None = None, value_model: PreTrainedModel | None = None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = PPOConfig(f"{name.split('/')[-1]}-PPO")
+        if not isinstance(args, PPOConfig):
+            raise TypeError("trl_kl.PPOTrainer needs a trl_kl.PPOConfig.")
+        super().__init__(model, reward_funcs, args, **kwargs)
+        if value_model is None:
+            source = args.value_model_name_or_path or self.model.config._name_or_path
+            value_model = AutoModelForTokenClassification.from_pretrained(source, num_labels=1)
+        self.value_model = self.accelerator.prepare_model(value_model)
+        self.value_optimizer = torch.optim.AdamW(
+            self.value_model.parameters(), lr=args.value_learning_rate or args.learning_rate
+        )
+
+    # ---- rollout: per-token rewards, GAE -----------------------------------------------------------
+
+    @property
+    def _penalty_shapes_advantages_in_loss(self) -> bool:
+        return False  # PPO puts the penalty into the per-token reward at rollout, and GAE carries it
+
+    def _values(self, input_ids, attention_mask, logits_to_keep) -> torch.Tensor:
+        """V(s_t) for each completion token t: the head's output at the position that predicts token t."""
+        values = self.value_model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+        return values[:, -logits_to_keep - 1 : -1]
+
+    def _advantages(self, output: dict, rewards: torch.Tensor) -> torch.Tensor:
+        mask = self._loss_mask(output).float()
+        scores = rewards[self._process_slice(output)]
+        penalty = self._rollout_penalty(output) if self._kl_in_reward else None
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        with torch.no_grad():
+            old_values = self._values(input_ids, attention_mask, output["completion_ids"].size(1))
+        per_token_rewards = token_rewards(scores, penalty, mask, self.beta)
+        advantages, returns = gae(per_token_rewards, old_values, mask, self.args.gamma, self.args.lam)
+        if self.args.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        output["old_values"], output["returns"] = kl.masked(old_values, mask), returns
+
+        mode = "train" if self.model.training else "eval"
+        finite = torch.nan_to_num(scores, nan=0.0)
+        sequence_kl = kl.sequence_sum(penalty, mask) if penalty is not None else torch.zeros_like(finite)
+        for key, value in (
+            ("objective/scores", finite),
+            ("objective/kl", sequence_kl),
+            ("objective/rlhf_reward", finite - self.beta * sequence_kl),
+        ):
+            self._metrics[mode][key].append(self.accelerator.gather(value).mean().item())
+        self._log_mean("val/values", old_values, mask)
+        self._log_mean("val/returns", returns, mask)
+        return advantages
+
+    # ---- loss: TRL's surrogate for the policy, the clipped value loss for the critic --------------------
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        self._metrics[mode]["loss/policy_avg"].append(self.accelerator.gather(loss.detach()).mean().item() * accumulation)
+        if "clip_ratio/region_mean" in self._metrics[mode]:
+            self._metrics[mode]["policy/clipfrac_avg"].append(self._metrics[mode]["clip_ratio/region_mean"][-1])
+        self._critic_step(inputs, mode)
+        return loss
+
+    def _critic_step(self, inputs: dict, mode: str):
+        """Value loss on this micro-batch; backward into the critic (its own graph and optimizer), scaled for
+        gradient accumulation like TRL's policy loss. The optimizer steps when the policy's does."""
+        mask = self._loss_mask(inputs).float()
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        with torch.set_grad_enabled(mode == "train"):
+            values = self._values(input_ids, attention_mask, inputs["completion_ids"].size(1))
+            loss, clip_frac = value_loss(values, inputs["old_values"], inputs["returns"], mask, self.args.cliprange_value)
+            if mode == "train":
+                (self.args.vf_coef * loss / self.current_gradient_accumulation_steps).backward()
+        self._metrics[mode]["loss/value_avg"].append(self.accelerator.gather(loss.detach()).mean().item())
+        self._metrics[mode]["val/clipfrac_avg"].append(self.accelerator.gather(clip_frac).mean().item())
+
+    def _end_of_optimizer_step(self):
+        super()._end_of_optimizer_step()
+        if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), self.args.max_grad_norm)
+        self.value_optimizer.step()
+        self.value_optimizer.zero_grad()
+
+    # ---- checkpoints: the critic is trained state too ----------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            self.accelerator.unwrap_model(self.value_model).save_pretrained(os.path.join(folder, "value_model"))
+            if not self.args.save_only_model:
+                torch.save(self.value_optimizer.state_dict(), os.path.join(folder, "value_optimizer.pt"))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not os.path.isdir(os.path.join(checkpoint, "value_model")):
+            return
+        restored = AutoModelForTokenClassification.from_pretrained(os.path.join(checkpoint, "value_model"))
+        self.accelerator.unwrap_model(self.value_model).load_state_dict(restored.state_dict())
+        optimizer_path = os.path.join(checkpoint, "value_optimizer.pt")
+        if os.path.exists(optimizer_path):
+            self.value_optimizer.load_state_dict(torch.load(optimizer_path, map_location=self.accelerator.device))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save:
+            target = os.path.join(output_dir or self.args.output_dir, "value_model")
+            self.accelerator.unwrap_model(self.value_model).save_pretrained(target)
