@@ -22,7 +22,10 @@ import torch
 import trl
 
 from . import kl
+from .compat import check_trl_version
 from .advantages import SCALE_MODES, effective_sample_size, group_normalized_advantages, validate_std_bounds
+
+check_trl_version()
 
 
 @dataclass
@@ -394,6 +397,11 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._metrics[mode]["is/ess"].append(effective_sample_size(sequence_log_weights).item())
 
     def _log_kl_metrics(self, logps, sampling_logps, ref_logps, mask):
+        # how often a log-ratio reached the clamp before exp (kl.LOG_RATIO_BOUND): should stay 0
+        clamped = (kl.log_ratio(sampling_logps, ref_logps).abs() > kl.LOG_RATIO_BOUND) | (
+            kl.log_ratio(logps, ref_logps).abs() > kl.LOG_RATIO_BOUND
+        )
+        self._log_mean("kl/clamp_frac", clamped.float(), mask)
         self._log_mean("kl/k1", kl.k1(logps, ref_logps), mask)
         self._log_mean("kl/k2", kl.k2(logps, ref_logps), mask)
         self._log_mean("kl/k3", kl.k3(logps, ref_logps), mask)
