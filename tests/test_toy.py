@@ -4,6 +4,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -124,16 +126,22 @@ def test_builds_are_deterministic():
     assert not torch.equal(first.lm_head.weight, other.lm_head.weight)
 
 
-def test_toy_model_path_reloads_the_same_model(warm, test_set, tmp_path, monkeypatch):
-    monkeypatch.setenv("TRL_KL_CACHE", str(tmp_path))
-    path = resolve_model_name("toy")
-    assert path == str(tmp_path / toy.CACHE_NAME)
+def test_toy_model_path_reloads_the_same_model(warm, test_set, toy_path, monkeypatch):
+    """The session's cached toy (built by toy_model_path, see conftest) reloads offline with exactly the
+    in-memory model's logits and tokenization, and is reused without rebuilding."""
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the cached folder must be reused")
+
+    monkeypatch.setattr(toy, "build_toy", no_rebuild)
+    root = Path(toy_path).parent
+    monkeypatch.setenv("TRL_KL_CACHE", str(root))
+    assert resolve_model_name("toy") == toy_path == str(root / toy.CACHE_NAME)
+    assert toy_model_path(root) == toy_path
     assert resolve_model_name("Qwen/Qwen2-0.5B") == "Qwen/Qwen2-0.5B"
-    assert sorted(entry.name for entry in tmp_path.iterdir()) == [f".{toy.CACHE_NAME}.lock", toy.CACHE_NAME]
 
     model, tokenizer = warm
-    loaded = AutoModelForCausalLM.from_pretrained(path)
-    loaded_tokenizer = AutoTokenizer.from_pretrained(path)
+    loaded = AutoModelForCausalLM.from_pretrained(toy_path)
+    loaded_tokenizer = AutoTokenizer.from_pretrained(toy_path)
     for text in TASK_STRINGS:
         assert loaded_tokenizer(text).input_ids == tokenizer(text).input_ids
     assert loaded_tokenizer.padding_side == "left"
@@ -145,12 +153,6 @@ def test_toy_model_path_reloads_the_same_model(warm, test_set, tmp_path, monkeyp
     )
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
-
-    def no_rebuild(*args, **kwargs):
-        raise AssertionError("the cached folder must be reused")
-
-    monkeypatch.setattr(toy, "build_toy", no_rebuild)
-    assert toy_model_path(tmp_path) == path
 
 
 def test_toy_model_path_builds_once_for_concurrent_callers(tmp_path, monkeypatch):
