@@ -47,3 +47,31 @@ def test_grpo_recipe_under_torchrun(toy_path, tmp_path):
     # on-policy at the first step of a rollout, off-policy after it: the importance weights spread
     assert steps[0]["is/ess"] == 1.0 and steps[-1]["is/ess"] < 1.0
     assert (out / "model.safetensors").exists()
+
+
+ACCELERATE = {
+    "single_gpu.yaml": ("NO", 1),
+    "multi_gpu.yaml": ("MULTI_GPU", 8),
+    "deepspeed_zero2.yaml": ("DEEPSPEED", 8),
+    "deepspeed_zero3.yaml": ("DEEPSPEED", 8),
+    "fsdp2.yaml": ("FSDP", 8),
+    "multi_node.yaml": ("DEEPSPEED", 16),
+    "cpu_ddp.yaml": ("MULTI_CPU", 2),
+}
+
+
+def test_every_accelerate_config_is_checked():
+    assert {p.name for p in (ROOT / "recipes" / "accelerate").glob("*.yaml")} == set(ACCELERATE)
+
+
+@pytest.mark.parametrize("name", sorted(ACCELERATE))
+def test_accelerate_config_loads(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "recipes" / "accelerate" / name))
+    distributed_type, processes = ACCELERATE[name]
+    assert (config.distributed_type.value, config.num_processes) == (distributed_type, processes)
+    if distributed_type == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] in (2, 3)
+    if distributed_type == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2
