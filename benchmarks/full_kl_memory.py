@@ -1,4 +1,4 @@
-"""Peak memory and time of the exact full-vocabulary KL (forward + backward): chunked vs naive.
+"""Peak memory and time of the exact full-vocabulary KL (forward + backward): TRL's chunked kernel vs naive.
 
     python benchmarks/full_kl_memory.py          # N = 256 .. 8192, V = 32000, H = 256; writes docs/performance.md
     python benchmarks/full_kl_memory.py --sizes 256 1024 --no-write
@@ -7,9 +7,8 @@ For each number of positions N it builds policy hidden states h (N, H) and head 
 reference (N, H), (V, H) without, then runs KL(pi_theta || pi_ref) per position and its backward to h and W:
 
 * ``naive``: materialised logits ``h @ W.T`` and ``trl_kl.kl.full_kl`` (both log-softmaxes whole);
-* ``chunked, V tiles``: ``trl_kl.full_kl.chunked_full_kl`` with ``chunk_size`` rows and ``vocab_chunk_size=None``
-  (a tile is one whole row chunk, chunk_size x V);
-* ``chunked``: the same with vocabulary tiles of ``vocab_chunk_size`` columns (the default).
+* ``chunked (TRL)``: ``trl_kl.full_kl.chunked_full_kl``, i.e. TRL 1.16's ``ChunkedDivergenceFunction`` (beta=1) in
+  tiles of its module constants ``TOKEN_CHUNK_SIZE`` rows x ``VOCAB_CHUNK_SIZE`` columns (not arguments).
 
 Memory is the peak of the summed bytes of live tensors allocated by aten ops during forward + backward
 (``TensorMemoryTracker``, a TorchDispatchMode; the inputs are not counted, the gradients are). Time is one
@@ -30,14 +29,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import trl.kernels.chunked_divergence as trl_divergence  # noqa: E402
+from memory_tracker import TensorMemoryTracker  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 from trl_kl import kl  # noqa: E402
-from trl_kl.full_kl import TensorMemoryTracker, chunked_full_kl  # noqa: E402
+from trl_kl.full_kl import chunked_full_kl  # noqa: E402
 
 START, END = "<!-- full_kl_memory:start -->", "<!-- full_kl_memory:end -->"
 MB = 1024 * 1024
 
 
-def run_once(method: str, n: int, vocab: int, hidden: int, chunk: int, vocab_chunk: int | None, seed: int = 0):
+def run_once(method: str, n: int, vocab: int, hidden: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     h = (torch.randn(n, hidden, generator=g)).requires_grad_()
     w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).requires_grad_()
@@ -48,7 +50,7 @@ def run_once(method: str, n: int, vocab: int, hidden: int, chunk: int, vocab_chu
         if method == "naive":
             out = kl.full_kl(h @ w.T, rh @ rw.T)
         else:
-            out = chunked_full_kl(h, w, ref_hidden=rh, ref_weight=rw, chunk_size=chunk, vocab_chunk_size=vocab_chunk)
+            out = chunked_full_kl(h, w, ref_hidden=rh, ref_weight=rw)
         forward_peak = tracker.peak_bytes
         out.sum().backward()
         del out
@@ -68,23 +70,22 @@ def run_once(method: str, n: int, vocab: int, hidden: int, chunk: int, vocab_chu
 
 
 def measure(args) -> list[dict]:
-    methods = [("chunked", args.vocab_chunk_size), ("chunked, V tiles", None), ("naive", None)]
-    run_once("chunked", 64, 1000, 16, 32, 256)  # warm-up (thread pools, first-call overheads)
+    run_once("chunked", 64, 1000, 16)  # warm-up (thread pools, first-call overheads)
     rows = []
     for n in args.sizes:
-        for method, vocab_chunk in methods:
+        for method in ("chunked (TRL)", "naive"):
             if method == "naive" and n > args.naive_max:
                 continue
             kind = "naive" if method == "naive" else "chunked"
-            r = run_once(kind, n, args.vocab, args.hidden, args.chunk_size, vocab_chunk)
+            r = run_once(kind, n, args.vocab, args.hidden)
             spent, times = r["seconds"], [r["seconds"]]
             while len(times) < args.repeats and spent < args.repeat_budget:  # best of a few: a noisy 2-core machine
-                times.append(run_once(kind, n, args.vocab, args.hidden, args.chunk_size, vocab_chunk)["seconds"])
+                times.append(run_once(kind, n, args.vocab, args.hidden)["seconds"])
                 spent += times[-1]
             r["seconds"], r["runs"] = min(times), len(times)
-            # the ratio's denominator: one chunk's float32 logits, chunk = min(N, chunk_size) rows (the naive way has
-            # a single chunk of N rows)
-            chunk_logits = min(n, args.chunk_size) * args.vocab * 4
+            # the ratio's denominator: one chunk's float32 logits, chunk = min(N, TOKEN_CHUNK_SIZE) rows (the naive
+            # way has a single chunk of N rows)
+            chunk_logits = min(n, trl_divergence.TOKEN_CHUNK_SIZE) * args.vocab * 4
             r.update(
                 method=method,
                 n=n,
@@ -104,36 +105,39 @@ def measure(args) -> list[dict]:
 
 
 def render(rows: list[dict], args, command: str, total_seconds: float, load: tuple[float, ...]) -> str:
-    chunk_logits = args.chunk_size * args.vocab * 4
+    token_chunk, vocab_chunk = trl_divergence.TOKEN_CHUNK_SIZE, trl_divergence.VOCAB_CHUNK_SIZE
+    chunk_logits = token_chunk * args.vocab * 4
     by = {(r["method"], r["n"]): r for r in rows}
     lines = [
         START,
         "## Exact full-vocabulary KL: memory and time (`benchmarks/full_kl_memory.py`)",
         "",
         "The paper's way (1) of getting GRPO's KL right (section 4, NOTES §3) is the exact per-state KL over the",
-        "whole vocabulary. `trl_kl.full_kl.chunked_full_kl` computes it from the final hidden states and the LM head",
-        "in chunks of positions and tiles of the vocabulary (custom autograd Function, logits recomputed in the",
-        "backward); the naive way materialises `(N, V)` logits and `kl.full_kl`'s log-softmaxes.",
+        "whole vocabulary. `trl_kl.full_kl.chunked_full_kl` is a thin wrapper over TRL 1.16's",
+        "`ChunkedDivergenceFunction` (beta = 1: KL(student || teacher)), which computes it from the final hidden",
+        "states and the LM heads in tiles of positions x vocabulary (logits recomputed in the backward); the naive",
+        "way materialises `(N, V)` logits and `kl.full_kl`'s log-softmaxes.",
         "",
         f"Command: `{command}`",
         "",
-        f"Setup: V = {args.vocab}, H = {args.hidden}, float32, policy h and W with gradients, reference without;",
-        f"chunk_size = {args.chunk_size} positions, vocab_chunk_size = {args.vocab_chunk_size} (\"chunked\") or the",
-        "whole vocabulary (\"chunked, V tiles\"). One chunk's logits tensor = min(N, chunk_size) x V x 4 B",
-        f"({chunk_logits / MB:.1f} MiB for a full chunk): the denominator of \"peak / chunk logits\".",
+        f"Setup: V = {args.vocab}, H = {args.hidden}, float32, policy h and W with gradients, reference without.",
+        f"TRL's tiles are module constants: TOKEN_CHUNK_SIZE = {token_chunk} rows x VOCAB_CHUNK_SIZE = {vocab_chunk}",
+        "columns (wider than V here, so a tile is a whole row chunk). One chunk's logits tensor =",
+        f"min(N, {token_chunk}) x V x 4 B ({chunk_logits / MB:.1f} MiB for a full chunk): the denominator of",
+        "\"peak / chunk logits\".",
         f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, no GPU. "
-        f"Whole benchmark: {total_seconds:.0f} s.",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, no GPU (TRL's torch fallback, not its Triton "
+        f"kernels). Whole benchmark: {total_seconds:.0f} s.",
         f"Load average (1 min) at start / end: {load[0]:.1f} / {os.getloadavg()[0]:.1f} (other processes share the",
-        "cores: with 2 OpenMP threads each parallel op can then stall for a scheduler quantum, so the times are an",
-        "upper bound and the chunked form, with more and smaller ops, suffers more).",
+        "cores, so the times are an upper bound).",
         "",
         "Peak = the largest sum of live tensors allocated by aten ops during forward + backward (a",
-        "`TorchDispatchMode` tracking every new storage until it is freed; inputs not counted, gradients counted;",
-        "temporaries inside a single aten kernel are invisible). \"Without grads\" leaves out the gradients of h",
-        "(N x H) and W (V x H), which every method must hand back: max(forward peak, peak - gradients).",
+        "`TorchDispatchMode`, `benchmarks/memory_tracker.py`, tracking every new storage until it is freed; inputs",
+        "not counted, gradients counted; temporaries inside a single aten kernel are invisible). \"Without grads\"",
+        "leaves out the gradients of h (N x H) and W (V x H), which every method must hand back: max(forward peak,",
+        "peak - gradients).",
         f"Time = one forward + backward, wall clock, best of up to {args.repeats} runs while a cell's runs",
-        f"take under {args.repeat_budget:.0f} s (the machine is noisy: +-30% between identical runs).",
+        f"take under {args.repeat_budget:.0f} s.",
         "",
         "| N | method | peak (MiB) | without grads (MiB) | largest tensor (MiB) | peak / chunk logits "
         "| without grads / chunk logits | peak / (N·V·4 B) | time (s) |",
@@ -144,62 +148,34 @@ def render(rows: list[dict], args, command: str, total_seconds: float, load: tup
             f"| {r['n']} | {r['method']} | {r['peak'] / MB:.1f} | {r['working'] / MB:.1f} | {r['largest'] / MB:.1f} | "
             f"{r['ratio']:.3f} | {r['working_ratio']:.3f} | {r['full']:.3f} | {r['seconds']:.2f} |"
         )
-    tiled = [r for r in rows if r["method"] == "chunked"]
-    whole = [r for r in rows if r["method"] == "chunked, V tiles"]
-    ok = all(r["working_ratio"] <= 1.2 for r in tiled)
-    ok_all = [r for r in tiled if r["ratio"] <= 1.2]
-    tile_cols = min(args.vocab_chunk_size, args.vocab)
+    chunked = [r for r in rows if r["method"] == "chunked (TRL)"]
     speed = {
         r["n"]: by[("naive", r["n"])]["seconds"] / r["seconds"]
-        for r in tiled
+        for r in chunked
         if ("naive", r["n"]) in by and r["seconds"] > 0
     }
     lines += [
         "",
         "Reading it:",
         "",
-        f"* **Check (working set without gradients) / chunk logits <= 1.2: {'met' if ok else 'NOT met'}** for "
-        f"`chunked` (vocabulary tiles of {args.vocab_chunk_size}): max {max(r['working_ratio'] for r in tiled):.3f}. "
-        "The working set is three tiles in the forward (policy tile, reference tile, one exp scratch: "
-        f"3 x min(N, {args.chunk_size}) x {tile_cols} x 4 B, {3 * args.chunk_size * tile_cols * 4 / MB:.0f} MiB for a "
-        "full chunk) and two in the backward.",
-    ]
-    if len(ok_all) == len(tiled):
-        worst = max(r["ratio"] for r in tiled)
-        lines.append(f"* With the gradients counted too, the ratio is <= 1.2 at every N (max {worst:.3f}).")
-    else:
-        lines.append(
-            "* With the gradients counted, the ratio is <= 1.2 at N = "
-            + (", ".join(str(r["n"]) for r in ok_all) or "none")
-            + f" (max {max(r['ratio'] for r in tiled):.3f}): the gradient of W alone is V x H x 4 B = "
-            f"{args.vocab * args.hidden * 4 / MB:.1f} MiB, as big as a {args.hidden}-row chunk's logits, so when N "
-            "(hence the chunk) is that small the gradient is most of the peak. It is an output, not a cost of the "
-            "method."
-        )
-    if whole:
-        lines.append(
-            f"* `chunked, V tiles` (no vocabulary tiling) sits at {min(r['ratio'] for r in whole):.2f} to "
-            f"{max(r['ratio'] for r in whole):.2f}: that is the floor of row chunking alone. The KL couples the policy "
-            "and the reference element by element, so a chunk's policy logits and reference logits must both be live, "
-            "plus one scratch tensor for the reference's log-sum-exp: 3 chunk-sized tensors (the forward; the backward "
-            "needs 2). Getting under 1.2 x one chunk's logits takes tiling the vocabulary too (online log-sum-exp)."
-        )
-    lines.append(
-        "* The chunked peak does not grow with N except for N x H (the gradient of h) and a few floats per position; "
-        "the naive peak is 7 x N x V x 4 B, reached in the forward (logits, reference logits, two log-softmaxes, "
-        "p = exp, the log-ratio and its product with p, all live at once), e.g. "
+        f"* `chunked (TRL)`: working set / chunk logits between {min(r['working_ratio'] for r in chunked):.2f} and "
+        f"{max(r['working_ratio'] for r in chunked):.2f}. On CPU TRL's kernel keeps two float32 tile buffers of "
+        f"min(N, {token_chunk}) x {vocab_chunk} (padded past V) plus the temporaries of its torch fallback "
+        "(`_stats_tile` / `_backward_tile`: transformed logits, gaps, exps, products), several tile-sized tensors "
+        "at once. The bound is in tiles, not in N: the peak stops growing once N >= TOKEN_CHUNK_SIZE, except for "
+        "N x H (the gradient of h) and a few floats per position. Below that a tile holds every row, so for small N "
+        "it is no smaller than the naive way's per-row footprint.",
+        "* The naive peak is 7 x N x V x 4 B, reached in the forward, e.g. "
         + ", ".join(
             f"{by[('naive', n)]['peak'] / MB / 1024:.2f} GiB at N={n}" for n in args.sizes if ("naive", n) in by
         )
-        + "."
-    )
+        + ".",
+    ]
     if speed:
         lines.append(
             "* Time, naive / chunked (> 1: chunked faster): "
             + ", ".join(f"{v:.2f} at N={n}" for n, v in speed.items())
-            + ". The "
-            "chunked backward recomputes both models' logits (6 matmuls of N x H x V instead of 4), but spares the "
-            "naive path's passes over fresh (N, V) tensors and their page faults, which grow with N."
+            + ". The chunked backward recomputes both models' logits (6 matmuls of N x H x V instead of 4)."
         )
     lines.append(END)
     return "\n".join(lines)
@@ -231,8 +207,6 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096, 8192])
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--chunk-size", type=int, default=1024)
-    p.add_argument("--vocab-chunk-size", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=3, help="best of this many timing runs per cell ...")
     p.add_argument("--repeat-budget", type=float, default=12.0, help="... while the cell's runs take under this (s)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")

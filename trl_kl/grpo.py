@@ -10,20 +10,25 @@
   TRL's k3-as-loss term switched off, and ``_get_per_token_logps_and_entropies`` is where the
   policy's log-probs become available: there the per-token advantage R = A - beta * penalty is formed
   (reward placement), before TRL's surrogate reads it. The loss placement adds its own term after.
+  With ``kl_estimator="full"`` the same hook also keeps the policy's final hidden states and runs one
+  extra reference forward (backbone only), for the exact KL over the vocabulary (``trl_kl.full_kl``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import trl
+from accelerate.utils import is_peft_model
 
 from . import kl
 from .compat import check_trl_version
 from .advantages import SCALE_MODES, effective_sample_size, group_normalized_advantages, validate_std_bounds
+from .full_kl import chunked_full_kl
 
 check_trl_version()
 
@@ -130,11 +135,10 @@ class GRPOConfig(trl.GRPOConfig):
             raise ValueError(f"kl_horizon must be a finite number > 0, got {self.kl_horizon}.")
         if self.scale_rewards not in SCALE_MODES:
             raise ValueError(f"scale_rewards must be one of {SCALE_MODES}, got {self.scale_rewards!r}.")
-        if self.kl_estimator == "full":
+        if self.kl_estimator == "full" and self.kl_placement != "loss":
+            # SOUNDNESS refuses it already; with allow_unsound_kl there is still no per-token reward to carry
             raise ValueError(
-                "kl_estimator='full' (exact KL over the vocabulary) needs the memory-bounded chunked kernel, which "
-                "is not in this release yet; use kl_estimator='k2' with kl_placement='loss' for the same per-state "
-                "gradient from sampled tokens."
+                "kl_estimator='full' (exact KL over the vocabulary) exists only as a loss: use kl_placement='loss'."
             )
         if self.multi_objective_aggregation == "normalize_then_sum" and (
             self.clip_std_min is not None
@@ -160,6 +164,7 @@ class _LossCall:
     inputs: dict
     beta: float
     logps: torch.Tensor | None = None
+    full_kl_args: dict | None = None  # kl_estimator="full": chunked_full_kl's inputs, from the same forward
 
 
 class GRPOTrainer(trl.GRPOTrainer):
@@ -309,10 +314,16 @@ class GRPOTrainer(trl.GRPOTrainer):
         return loss + self._kl_loss_and_metrics(call)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         call = self._loss_call
+        exact = call is not None and call.logps is None and call.beta != 0.0 and self.args.kl_estimator == "full"
+        with self._captured_hidden_states(model) if exact else nullcontext() as states:
+            out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         if call is not None and call.logps is None:  # the policy forward of _compute_loss
             call.logps = out[0]
+            if exact:
+                batch_size = kwargs.get("batch_size", args[0] if args else None) or input_ids.size(0)
+                hidden = torch.cat([s[:, -logits_to_keep - 1 : -1] for s in states])  # as TRL slices its logits
+                call.full_kl_args = self._full_kl_args(model, hidden, input_ids, attention_mask, logits_to_keep, batch_size, kwargs)
             if call.beta != 0.0 and self._penalty_shapes_advantages_in_loss:
                 inputs = call.inputs
                 old = inputs.get("old_per_token_logps")
@@ -324,6 +335,88 @@ class GRPOTrainer(trl.GRPOTrainer):
                     inputs["advantages"], penalty, self._loss_mask(inputs), call.beta, self.args.kl_reward_scope
                 )
         return out
+
+    # ---- kl_estimator="full": the exact per-state KL over the vocabulary (section 4, way (1); NOTES §3) ----------
+
+    def _causal_lm(self, model):
+        """The transformers model under the accelerate/PEFT wrappers: it owns ``base_model`` and the LM head."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        return unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
+
+    @contextmanager
+    def _captured_hidden_states(self, model):
+        """Collect the backbone's ``last_hidden_state`` of every forward inside (TRL's micro-batches), through a
+        forward hook on ``base_model``, the module TRL's fused LM head (``add_fused_lm_head``) runs."""
+        states = []
+
+        def hook(module, args, output):
+            states.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+        handle = self._causal_lm(model).base_model.register_forward_hook(hook)
+        try:
+            yield states
+        finally:
+            handle.remove()
+
+    @staticmethod
+    def _lm_head_args(causal_lm, prefix: str = "") -> dict:
+        """A model's LM head and logit post-processing, read from its config as TRL's ``add_fused_lm_head`` does
+        (scale: ``logit_scale``, ``output_multiplier``, ``lm_head_multiplier`` or ``logits_scaling``; softcap:
+        ``final_logit_softcapping``), so the exact KL sees the distributions TRL's log-probs come from."""
+        config = causal_lm.config.get_text_config()
+        scale = getattr(config, "logit_scale", None)
+        if scale is None:
+            scale = getattr(config, "output_multiplier", None)
+        if scale is None:
+            scale = getattr(config, "lm_head_multiplier", None)
+        if scale is None and getattr(config, "logits_scaling", None) is not None:
+            scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
+        head = causal_lm.get_output_embeddings()
+        return {
+            f"{prefix}weight": head.weight,
+            f"{prefix}bias": head.bias,
+            f"{prefix}logit_scale": 1.0 if scale is None else scale,
+            f"{prefix}final_logit_softcapping": getattr(config, "final_logit_softcapping", None),
+        }
+
+    @torch.no_grad()
+    def _reference_hidden_states(self, input_ids, attention_mask, logits_to_keep: int, batch_size: int):
+        """The reference's final hidden states at the completion-predicting positions, ``(B, K, H_ref)``, and its
+        causal LM: the one extra reference forward (backbone only, in TRL's micro-batches) that 'full' costs at
+        loss time. The reference is ``ref_model``, or the PEFT policy with its adapter disabled (or the "ref"
+        adapter), exactly as TRL picks it at rollout."""
+        if self.ref_model is not None:
+            ref, context = self._causal_lm(self.ref_model), nullcontext()
+        else:
+            from trl.trainer.utils import use_adapter
+
+            peft_model = self.accelerator.unwrap_model(self.model)
+            ref = peft_model.get_base_model()
+            context = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
+        states = []
+        with context:
+            for start in range(0, input_ids.size(0), batch_size):
+                rows = slice(start, start + batch_size)
+                with self.accelerator.autocast():
+                    output = ref.base_model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False)
+                states.append(output.last_hidden_state[:, -logits_to_keep - 1 : -1])
+        return torch.cat(states), ref
+
+    def _full_kl_args(self, model, hidden, input_ids, attention_mask, logits_to_keep, batch_size, kwargs) -> dict:
+        """Keyword arguments of ``chunked_full_kl`` for this loss call: the policy's hidden states from its own
+        forward (with their graph), the reference's from one extra no-grad forward, both heads, TRL's temperature."""
+        if any(kwargs.get(key) is not None for key in ("pixel_values", "token_type_ids", "mm_token_type_ids")):
+            raise NotImplementedError("kl_estimator='full' is not supported for vision-language models.")
+        ref_hidden, ref = self._reference_hidden_states(input_ids, attention_mask, logits_to_keep, batch_size)
+        args = {**self._lm_head_args(self._causal_lm(model)), **self._lm_head_args(ref, prefix="ref_")}
+        if self.args.cast_lm_head_to_fp32:  # TRL projects in float32 then; so do we
+            hidden, ref_hidden = hidden.float(), ref_hidden.float()
+        args.update(
+            hidden=hidden.to(args["weight"].device),
+            ref_hidden=ref_hidden.to(args["ref_weight"].device),
+            temperature=self.temperature,
+        )
+        return args
 
     def _aggregate_like_trl(self, per_token: torch.Tensor, mask: torch.Tensor, inputs) -> torch.Tensor:
         """Average a per-token loss term with the normaliser TRL 1.16 applies to ``self.loss_type``, so the KL
@@ -359,15 +452,20 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._log_kl_metrics(logps.detach(), sampling, ref, mask)
         if self.args.kl_placement == "reward":
             return 0.0
-        # Loss placement: a detached importance ratio keeps each estimator's on-policy gradient off-policy
-        # (E_old[rho grad f] = E_pi[grad f]); on-policy it is exactly 1. use_bias_correction_kl keeps its gradient.
-        ratio = None
-        if self.args.use_bias_correction_kl:
-            sampling = logps.detach() if old is None else old
-            ratio = torch.exp((logps - sampling).clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
-        elif old is not None:
-            ratio = torch.exp(log_ratio.clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
-        per_token = kl.kl_loss(self.args.kl_estimator, logps, ref, self.args.k3_clip_max, importance_ratio=ratio)
+        if self.args.kl_estimator == "full":
+            # Exact KL(pi(.|s_t) || pi_ref(.|s_t)) over the vocabulary at each visited state (section 4, way (1);
+            # appendix A): an expectation over actions already, so no sampled action to re-weight, no ratio.
+            per_token = chunked_full_kl(**call.full_kl_args, mask=mask.bool())
+        else:
+            # Loss placement: a detached importance ratio keeps each estimator's on-policy gradient off-policy
+            # (E_old[rho grad f] = E_pi[grad f]); on-policy it is exactly 1. use_bias_correction_kl keeps its gradient.
+            ratio = None
+            if self.args.use_bias_correction_kl:
+                sampling = logps.detach() if old is None else old
+                ratio = torch.exp((logps - sampling).clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
+            elif old is not None:
+                ratio = torch.exp(log_ratio.clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
+            per_token = kl.kl_loss(self.args.kl_estimator, logps, ref, self.args.k3_clip_max, importance_ratio=ratio)
         self._log_mean("kl/penalty", per_token.detach(), mask)
         return call.beta * self._aggregate_like_trl(per_token, mask, inputs)
 
