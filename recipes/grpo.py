@@ -48,9 +48,9 @@ def load_data(script_args: GRPOScriptArguments, training_args, model_args: Model
     return model_args.model_name_or_path, dataset[script_args.dataset_train_split], eval_dataset
 
 
-def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args: ModelConfig):
+def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args: ModelConfig, trainer_cls=GRPOTrainer):
     model, train_dataset, eval_dataset = load_data(script_args, training_args, model_args)
-    trainer = GRPOTrainer(
+    trainer = trainer_cls(
         model=model,
         reward_funcs=[reward_function(name) for name in script_args.reward_funcs],
         args=training_args,
