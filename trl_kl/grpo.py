@@ -477,7 +477,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         values = values.detach().float()
         if reduce == "max":
             local = values[mask.bool()].max() if mask is not None and mask.any() else values.new_tensor(float("-inf"))
-            self._metrics[mode][name].append(self.accelerator.gather(local.reshape(1)).max().item())
+            value = self.accelerator.gather(local.reshape(1)).max().item()
+            self._metrics[mode][name].append(value if value != float("-inf") else float("nan"))  # TRL's log() drops NaN
             return
         mask = torch.ones_like(values) if mask is None else mask.float()
         stats = torch.stack([kl.masked(values, mask).sum(), mask.sum()])
