@@ -217,13 +217,14 @@ def test_reconfigured_trainer_equals_a_fresh_one(trainers, global_batch, toy_pat
     assert torch.equal(_step_gradient(reused, whole), _step_gradient(fresh, whole))
 
 
-def test_the_default_loss_type_is_dapo_and_ga_invariant():
-    """trl_kl keeps TRL's default loss_type, dapo: invariant to gradient accumulation (above), and to
-    steps_per_generation only when every generation batch holds the same number of tokens."""
+def test_the_default_loss_type_is_invariant_to_every_layout():
+    """trl_kl's default loss_type is dr_grpo (TRL's is dapo): invariant to gradient accumulation, processes and
+    steps_per_generation (the table above), while dapo is not invariant to steps_per_generation."""
     import trl
 
     from trl_kl import GRPOConfig
 
-    assert GRPOConfig.__dataclass_fields__["loss_type"].default == "dapo"
+    assert GRPOConfig.__dataclass_fields__["loss_type"].default == "dr_grpo"
     assert trl.GRPOConfig.__dataclass_fields__["loss_type"].default == "dapo"
-    assert "dapo" not in NOT_GA_INVARIANT and "dapo" in NOT_SPG_INVARIANT
+    assert "dr_grpo" not in NOT_GA_INVARIANT and "dr_grpo" not in NOT_SPG_INVARIANT
+    assert "dapo" in NOT_SPG_INVARIANT

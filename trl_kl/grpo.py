@@ -41,6 +41,15 @@ class GRPOConfig(trl.GRPOConfig):
     (k3 as a loss) is replaced by the one chosen here.
     """
 
+    loss_type: str = field(
+        default="dr_grpo",
+        metadata={
+            "help": "TRL's loss aggregation. trl_kl defaults to 'dr_grpo' (TRL: 'dapo'): a constant normaliser, so the "
+            "gradient does not depend on how the batch is cut (gradient accumulation, processes, steps_per_generation; "
+            "docs/reliability.md) and the objective stays a sum over tokens, the form whose KL gradient return-to-go "
+            "makes exact (NOTES §7). Every TRL loss_type is accepted.",
+        },
+    )
     kl_estimator: str = field(
         default="k1",
         metadata={
