@@ -451,7 +451,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         inputs, logps = call.inputs, call.logps
         mask = self._loss_mask(inputs).to(logps.dtype)
         old = inputs.get("old_per_token_logps")
-        log_ratio = (logps.detach() - old) if old is not None else torch.zeros_like(logps)
+        log_ratio = (logps.detach() - old) if old is not None else None
         self._log_importance_metrics(log_ratio, mask)
         if call.beta == 0.0:
             return 0.0
@@ -472,7 +472,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             if self.args.use_bias_correction_kl:
                 sampling = logps.detach() if old is None else old
                 ratio = torch.exp((logps - sampling).clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
-            elif old is not None:
+            elif log_ratio is not None:
                 ratio = torch.exp(log_ratio.clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
             per_token = kl.kl_loss(self.args.kl_estimator, logps, ref, self.args.k3_clip_max, importance_ratio=ratio)
         self._log_mean("kl/penalty", per_token.detach(), mask)
@@ -494,30 +494,50 @@ class GRPOTrainer(trl.GRPOTrainer):
         total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
         self._metrics[mode][name].append(total / max(count, 1.0))
 
-    def _log_importance_metrics(self, log_ratio: torch.Tensor, mask: torch.Tensor):
+    def _log_means(self, token: dict[str, torch.Tensor], mask: torch.Tensor, sequence: dict[str, torch.Tensor] | None = None):
+        """Log masked per-token means (``token``, ``(B, T)`` each) and per-sequence means (``sequence``, ``(B,)``
+        each) over every process with a single reduction: one sync per loss call, not one per metric."""
+        mode = "train" if self.model.training else "eval"
+        sequence = sequence or {}
+        sums = [kl.masked(torch.stack([v.detach().float() for v in token.values()]), mask.bool()).sum((1, 2))]
+        if sequence:
+            sums.append(torch.stack([v.detach().float().sum() for v in sequence.values()]))
+        counts = torch.stack([mask.float().sum(), mask.new_tensor(float(mask.shape[0]), dtype=torch.float32)])
+        *totals, tokens, sequences = self.accelerator.reduce(torch.cat([*sums, counts]), reduction="sum").tolist()
+        for name, total in zip([*token, *sequence], totals):
+            self._metrics[mode][name].append(total / max(tokens if name in token else sequences, 1.0))
+
+    def _log_importance_metrics(self, log_ratio: torch.Tensor | None, mask: torch.Tensor):
+        """``is/*``: the importance ratio pi_theta/pi_old. On-policy (``log_ratio`` None) it is exactly 1."""
+        mode = "train" if self.model.training else "eval"
+        if log_ratio is None:
+            for name, value in (("is/ratio_mean", 1.0), ("is/ratio_max", 1.0), ("is/clip_frac", 0.0), ("is/ess", 1.0)):
+                self._metrics[mode][name].append(value)
+            return
         ratio = torch.exp(log_ratio.clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
         outside = (ratio < 1 - self.epsilon_low) | (ratio > 1 + self.epsilon_high)
-        self._log_mean("is/ratio_mean", ratio, mask)
+        self._log_means({"is/ratio_mean": ratio, "is/clip_frac": outside.float()}, mask)
         self._log_mean("is/ratio_max", ratio, mask, reduce="max")
-        self._log_mean("is/clip_frac", outside.float(), mask)
         sequence_log_weights = self.accelerator.gather(kl.sequence_sum(log_ratio, mask))
-        mode = "train" if self.model.training else "eval"
         self._metrics[mode]["is/ess"].append(effective_sample_size(sequence_log_weights).item())
 
     def _log_kl_metrics(self, logps, sampling_logps, ref_logps, mask):
-        # how often a log-ratio reached the clamp before exp (kl.LOG_RATIO_BOUND): should stay 0
-        clamped = (kl.log_ratio(sampling_logps, ref_logps).abs() > kl.LOG_RATIO_BOUND) | (
-            kl.log_ratio(logps, ref_logps).abs() > kl.LOG_RATIO_BOUND
-        )
-        self._log_mean("kl/clamp_frac", clamped.float(), mask)
-        self._log_mean("kl/k1", kl.k1(logps, ref_logps), mask)
-        self._log_mean("kl/k2", kl.k2(logps, ref_logps), mask)
-        self._log_mean("kl/k3", kl.k3(logps, ref_logps), mask)
-        self._log_mean("kl", kl.k3(logps, ref_logps), mask)  # TRL's own "kl" key: per-token k3 mean
-        sequence_kl = kl.sequence_sum(kl.k1(sampling_logps, ref_logps), mask)
-        self._log_mean("kl/seq_kl", sequence_kl)
-        if self.model.training:
-            self._step_kl += torch.tensor([sequence_kl.sum().item(), sequence_kl.numel()], dtype=torch.float64)
+        """``kl/*`` whatever the estimator trained: k1, k2, k3 of the current policy (and TRL's ``kl`` key, the
+        k3 mean), the sampling policy's sequence KL and penalty, and how often a log-ratio hit the clamp."""
+        current, sampling = kl.log_ratio(logps, ref_logps), kl.log_ratio(sampling_logps, ref_logps)
+        clamped = (sampling.abs() > kl.LOG_RATIO_BOUND) | (current.abs() > kl.LOG_RATIO_BOUND)
+        k3 = kl.k3(logps, ref_logps)
+        token = {
+            "kl/k1": kl.k1(logps, ref_logps),
+            "kl/k2": kl.k2(logps, ref_logps),
+            "kl/k3": k3,
+            "kl": k3,
+            "kl/clamp_frac": clamped.float(),
+        }
         if self.args.kl_placement == "reward":
-            penalty = kl.reward_penalty(self.args.kl_estimator, sampling_logps, ref_logps, self.args.k3_clip_max)
-            self._log_mean("kl/penalty", penalty, mask)
+            token["kl/penalty"] = kl.reward_penalty(self.args.kl_estimator, sampling_logps, ref_logps, self.args.k3_clip_max)
+        sequence_kl = kl.sequence_sum(-sampling, mask)
+        self._log_means(token, mask, {"kl/seq_kl": sequence_kl})
+        if self.model.training:  # adaptive KL control: this optimizer step's sequence KLs (reduced at its end)
+            local = torch.stack([sequence_kl.sum(), sequence_kl.new_tensor(float(sequence_kl.numel()))]).double()
+            self._step_kl = self._step_kl.to(local.device) + local
