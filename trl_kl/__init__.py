@@ -9,7 +9,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {"GRPOConfig": "grpo", "GRPOTrainer": "grpo"}
+_LAZY = {"GRPOConfig": "grpo", "GRPOTrainer": "grpo", "PPOConfig": "ppo", "PPOTrainer": "ppo", "DPOConfig": "dpo", "DPOTrainer": "dpo"}
 
 __all__ = list(_LAZY)
 

@@ -1,0 +1,793 @@
+"""Drop-in ``DPOConfig`` / ``DPOTrainer``: DPO under the Monte-Carlo condition (NOTES §5, paper section 5).
+
+``from trl_kl import DPOConfig, DPOTrainer`` instead of ``from trl import ...``. DPO fits a distribution from
+samples, which is sound only while the samples come from (close to) the current policy. Offline preference
+data breaks that twice: it comes from other models, and the policy drifts away from it while training. The
+paper's two remedies are both here:
+
+* ``sft_weight``: an SFT loss on the chosen answers. It is TRL's own ``"sft"`` loss type, appended to
+  ``loss_type`` with weight ``sft_weight`` in ``loss_weights`` (nothing reimplemented).
+* ``resample_every``: iterative (online) DPO. Every ``resample_every`` optimizer steps (and at the start) the
+  *current* policy samples ``resample_num_completions`` answers for a slice of the dataset's prompts, the
+  ``reward_funcs`` (TRL reward-function signature, as in GRPO) score them, the best and the worst answer of
+  each prompt become a pair (ties skipped), TRL's own dataset preparation tokenizes the pairs, and they
+  replace the training data for the next ``resample_every`` steps (the *window*).
+
+How the data is swapped. transformers' ``Trainer`` builds one dataloader in ``train()`` and, per optimizer
+step, ``_run_epoch`` calls ``get_batch_samples(epoch_iterator, num_batches, device)`` to draw that step's
+``gradient_accumulation_steps`` micro-batches. That call is the one hook that runs exactly once per optimizer
+step, before the step, and owns the batches; overriding it lets the trainer draw from the current window
+instead of the epoch iterator, with no change to the training loop and no dataloader rebuilt mid-epoch (the
+alternatives, re-creating the dataloader from a callback or refilling a dataset in place, fight the loop's
+local iterator and Accelerate's one-batch prefetch). With resampling on, the Trainer's own dataloader only
+counts steps and epochs over the dataset's length (``get_train_dataloader`` returns a loader over indices
+that is never iterated), so a prompt-only dataset works too. The window is read as an endless stream of
+seeded permutations, cut into global batches of ``per_device_train_batch_size * num_processes``; each process
+takes its slice. Its position is a counter, saved with the window in each checkpoint, so a resumed run
+continues on the same batches (and, since generation is seeded by the refresh step, refreshes the same way).
+
+Staleness. At a refresh the current policy's log-probability of every fresh chosen answer is stored (one
+no-grad forward, the same fused forward DPO uses). At every training micro-batch the policy's log-prob of
+the chosen answers is read from DPO's own forward (a forward hook: no extra pass), giving the log importance
+weights log pi_theta(y) - log pi_sampler(y): their mean is ``resample/staleness_logratio`` and their effective
+sample size fraction ``resample/ess`` (1 right after a refresh, falling as the policy drifts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+import trl
+from accelerate.utils import gather_object, is_peft_model
+from datasets import Dataset, IterableDataset
+from torch.utils.data import DataLoader
+from transformers import GenerationConfig
+from trl.data_utils import _tokenize, is_conversational
+from trl.distributed import DistributedBackend
+from trl.models import unwrap_model_for_generation
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.callbacks import SyncRefModelCallback
+from trl.trainer.utils import pad
+
+from .advantages import effective_sample_size
+
+WINDOW_DIR = "trl_kl_dpo_window"
+"""Folder of a checkpoint holding the current window's pairs (``datasets.save_to_disk``)."""
+WINDOW_STATE = "trl_kl_dpo_window.json"
+"""File of a checkpoint holding the refresh schedule and the position in the window."""
+_TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
+
+
+@dataclass
+class DPOConfig(trl.DPOConfig):
+    """``trl.DPOConfig`` plus the paper's remedies for offline preference data (NOTES §5).
+
+    ``sft_weight`` adds TRL's ``"sft"`` loss (NLL of the chosen answers); ``resample_every`` turns on the
+    sample -> label -> train loop (the trainer then needs ``reward_funcs``). All TRL fields keep their meaning.
+    """
+
+    sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of an SFT loss (mean NLL of the chosen answers' tokens) added to the DPO loss, the paper's "
+            "remedy for the policy drifting away from the data. Mapped onto TRL's own mechanism: 'sft' is appended to "
+            "loss_type with this weight in loss_weights. 0 adds nothing."
+        },
+    )
+    resample_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps between refreshes of the training data from the current policy (sample -> label "
+            "-> train). A refresh also happens at the start. None: plain offline DPO on the dataset's pairs."
+        },
+    )
+    resample_num_prompts: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts sampled at each refresh (taken in turn from a seeded shuffle of the dataset's distinct "
+            "prompts). None: one window's worth, resample_every x the global batch size, i.e. one pass over the "
+            "fresh pairs when no prompt ties."
+        },
+    )
+    resample_num_completions: int = field(
+        default=4,
+        metadata={"help": "Completions sampled per prompt at a refresh; the best and the worst form the pair (>= 2)."},
+    )
+    resample_max_new_tokens: int = field(
+        default=256, metadata={"help": "Maximum new tokens of each sampled completion."}
+    )
+    resample_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature at a refresh (no top-k / top-p). 1.0 samples the policy itself, which is what "
+            "the Monte-Carlo condition asks for."
+        },
+    )
+    resample_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts per generate call and pairs per no-grad forward at a refresh, per process. None: "
+            "per_device_train_batch_size."
+        },
+    )
+    resample_mix: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of the dataset's original (offline) pairs kept in each window next to the fresh pairs: "
+            "round(resample_mix x number of offline pairs) of them, redrawn at each refresh. 0: fresh pairs only."
+        },
+    )
+    resample_update_reference: bool = field(
+        default=False,
+        metadata={
+            "help": "Move the reference to the current policy at each refresh. False (default, as iterative-DPO "
+            "practice does): the reference stays the initial policy. With PEFT the reference becomes a frozen 'ref' "
+            "adapter copied from the trained one."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        if not (isinstance(self.sft_weight, (int, float)) and math.isfinite(self.sft_weight) and self.sft_weight >= 0):
+            raise ValueError(
+                f"sft_weight must be a finite number >= 0 (the weight of the SFT loss), got {self.sft_weight}."
+            )
+        if self.sft_weight > 0:
+            self._add_sft_loss()
+        super().__post_init__()
+        self._validate_resampling()
+
+    def _add_sft_loss(self):
+        """Append TRL's 'sft' loss type with weight ``sft_weight``; idempotent when the config is rebuilt."""
+        weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(self.loss_type)
+        if len(weights) != len(self.loss_type):
+            return  # TRL's own check names the mismatch
+        if "sft" in self.loss_type:
+            if weights[self.loss_type.index("sft")] != self.sft_weight:
+                raise ValueError(
+                    f"sft_weight={self.sft_weight} and loss_type={self.loss_type} (with loss_weights={self.loss_weights}) "
+                    "both ask for an SFT term: set sft_weight alone, or put 'sft' in loss_type with its weight in "
+                    "loss_weights and leave sft_weight at 0."
+                )
+            return
+        self.loss_type = [*self.loss_type, "sft"]
+        self.loss_weights = [*weights, float(self.sft_weight)]
+
+    def _validate_resampling(self):
+        every = self.resample_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(
+                f"resample_every must be an integer >= 1 (optimizer steps between refreshes) or None for plain offline "
+                f"DPO, got {every!r}."
+            )
+        if not isinstance(self.resample_num_completions, int) or self.resample_num_completions < 2:
+            raise ValueError(
+                "resample_num_completions must be an integer >= 2: a pair needs a best and a worst completion of the "
+                f"same prompt, got {self.resample_num_completions!r}."
+            )
+        if not (isinstance(self.resample_mix, (int, float)) and 0.0 <= self.resample_mix <= 1.0):
+            raise ValueError(
+                f"resample_mix must lie in [0, 1] (the fraction of offline pairs kept in each window), got "
+                f"{self.resample_mix!r}."
+            )
+        temperature = self.resample_temperature
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(
+                f"resample_temperature must be a finite number > 0 (1.0 samples the policy itself), got {temperature!r}."
+            )
+        if not isinstance(self.resample_max_new_tokens, int) or self.resample_max_new_tokens < 1:
+            raise ValueError(f"resample_max_new_tokens must be an integer >= 1, got {self.resample_max_new_tokens!r}.")
+        for name in ("resample_num_prompts", "resample_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}.")
+        if every is None:
+            for name, default in (("resample_mix", 0.0), ("resample_update_reference", False)):
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} only acts at a refresh: set resample_every (e.g. 8) or leave "
+                        f"{name} at {default!r}."
+                    )
+        if self.resample_update_reference and self.sync_ref_model:
+            raise ValueError(
+                "resample_update_reference=True and sync_ref_model=True both move the reference: choose one (TR-DPO's "
+                "sync_ref_model mixes it every ref_model_sync_steps; resample_update_reference copies the policy at each "
+                "refresh)."
+            )
+
+
+def build_preference_pairs(
+    prompts: list, completions: list[list], rewards: list[list[float]]
+) -> tuple[list[dict], int]:
+    """Best-vs-worst preference pairs, one per prompt, from grouped completions and their rewards.
+
+    ``completions[i]`` and ``rewards[i]`` are the sampled completions of ``prompts[i]`` and their (summed) rewards;
+    NaN rewards (unscorable) are left out. The chosen answer is the first completion with the highest reward, the
+    rejected one the first with the lowest. A prompt is a *tie*, skipped and counted, when its scored
+    completions all have the same reward (or fewer than two were scored, or best and worst are the same text):
+    there is no preference to learn. Returns ``(pairs, ties)``; each pair is a dict with ``index`` (the
+    prompt's position), ``prompt``, ``chosen``, ``rejected``, ``chosen_reward``, ``rejected_reward``.
+    """
+    if not len(prompts) == len(completions) == len(rewards):
+        raise ValueError(
+            f"prompts, completions and rewards must have one entry per prompt, got {len(prompts)}, {len(completions)} "
+            f"and {len(rewards)}."
+        )
+    pairs, ties = [], 0
+    for index, (prompt, group, scores) in enumerate(zip(prompts, completions, rewards, strict=True)):
+        if len(group) != len(scores):
+            raise ValueError(f"prompt {index}: {len(group)} completions but {len(scores)} rewards.")
+        scored = [(float(s), j) for j, s in enumerate(scores) if s is not None and not math.isnan(float(s))]
+        if len(scored) < 2:
+            ties += 1
+            continue
+        best = max(scored, key=lambda item: (item[0], -item[1]))  # highest reward, first on ties
+        worst = min(scored, key=lambda item: (item[0], item[1]))  # lowest reward, first on ties
+        if best[0] == worst[0] or group[best[1]] == group[worst[1]]:
+            ties += 1
+            continue
+        pairs.append(
+            {
+                "index": index,
+                "prompt": prompt,
+                "chosen": group[best[1]],
+                "rejected": group[worst[1]],
+                "chosen_reward": best[0],
+                "rejected_reward": worst[0],
+            }
+        )
+    return pairs, ties
+
+
+@contextmanager
+def _quiet_datasets():
+    """No ``datasets`` progress bars while a refresh maps and selects its small window."""
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def _seed(*parts) -> int:
+    """A 63-bit seed that depends only on ``parts`` (stable across processes and Python runs)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class DPOTrainer(trl.DPOTrainer):
+    """``trl.DPOTrainer`` with the SFT term and the resampling loop of ``trl_kl.DPOConfig`` (module docstring).
+
+    ``reward_funcs``: callables with TRL's reward-function signature ``f(prompts=..., completions=...,
+    completion_ids=..., **dataset_columns) -> list[float]`` (``None`` entries mean unscorable), summed. Required
+    with ``resample_every``; they label the freshly sampled completions.
+    """
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: DPOConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        reward_funcs: Callable | list[Callable] | None = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = DPOConfig(f"{name.split('/')[-1]}-DPO")
+        if not isinstance(args, DPOConfig):
+            raise TypeError(
+                "trl_kl.DPOTrainer needs a trl_kl.DPOConfig (it carries sft_weight and the resampling fields): replace "
+                "`from trl import DPOConfig` by `from trl_kl import DPOConfig`."
+            )
+        self.reward_funcs = self._check_reward_funcs(reward_funcs, args)
+        self._resampling = args.resample_every is not None
+        if self._resampling:
+            self._check_resampling_dataset(train_dataset, args)
+        super().__init__(
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        self._window: Dataset | None = None  # the current window's pairs, tokenized
+        self._window_step = 0  # global step at which the window was sampled (seeds its order)
+        self._window_batches = 0  # micro-batches of this process drawn from the window so far
+        self._last_refresh: int | None = None  # global step of the last refresh (the schedule)
+        self._window_stats: dict[str, float] = {}
+        self._window_perms: dict[int, list[int]] = {}
+        self.refresh_log: list[dict] = []
+        """One dict per refresh of this run: step, pairs, ties, offline_pairs, reward_mean, margin."""
+        if self._resampling:
+            self._setup_resampling(train_dataset)
+
+    # ---- setup ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_reward_funcs(reward_funcs, args: DPOConfig) -> list[Callable]:
+        if reward_funcs is None:
+            funcs = []
+        elif callable(reward_funcs) and not isinstance(reward_funcs, torch.nn.Module):
+            funcs = [reward_funcs]
+        else:
+            funcs = list(reward_funcs)
+        for func in funcs:
+            if isinstance(func, (str, torch.nn.Module)) or not callable(func):
+                raise TypeError(
+                    "reward_funcs must be Python callables f(prompts=..., completions=..., **dataset_columns) -> "
+                    f"list[float] (TRL's reward-function signature); got {func!r}. Wrap a reward model in such a "
+                    "function."
+                )
+        if args.resample_every is not None and not funcs:
+            raise ValueError(
+                f"resample_every={args.resample_every} samples fresh completions that must be labelled: pass "
+                "reward_funcs=[...] to the trainer (TRL reward functions, as for GRPO), or set resample_every=None for "
+                "offline DPO."
+            )
+        if args.resample_every is None and funcs:
+            raise ValueError(
+                "reward_funcs only label resampled completions, and resample_every is None (offline DPO): set "
+                "resample_every, or drop reward_funcs."
+            )
+        return funcs
+
+    @staticmethod
+    def _check_resampling_dataset(train_dataset, args: DPOConfig):
+        if train_dataset is None:
+            return  # TRL names it
+        if isinstance(train_dataset, IterableDataset):
+            raise NotImplementedError(
+                "resample_every needs random access to the dataset's prompts: pass a datasets.Dataset, not an "
+                "IterableDataset."
+            )
+        columns = train_dataset.column_names
+        if "image" in columns or "images" in columns:
+            raise NotImplementedError("resample_every is not supported for vision datasets yet.")
+        if "prompt" not in columns and "chosen" not in columns:
+            raise ValueError(f"resample_every needs a 'prompt' column in train_dataset, got columns {columns}.")
+        if args.resample_mix > 0 and not {"chosen", "rejected"} <= set(columns):
+            raise ValueError(
+                f"resample_mix={args.resample_mix} keeps offline pairs, but train_dataset has no 'chosen'/'rejected' "
+                "columns (prompt-only): set resample_mix=0."
+            )
+
+    def _setup_resampling(self, raw_dataset: Dataset):
+        args = self.args
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            warnings.warn(
+                "trl_kl.DPOTrainer's resampling is tested with one process and DDP; under DeepSpeed/FSDP generation "
+                "and the refresh forward run on every process in step, but this is untested.",
+                stacklevel=3,
+            )
+        # The reference must be computable at a refresh when the window's reference log-probs are precomputed
+        if (
+            args.precompute_ref_log_probs
+            and not args.resample_update_reference
+            and self.ref_model is None
+            and not is_peft_model(self.model)
+        ):
+            raise ValueError(
+                "precompute_ref_log_probs=True with resample_every keeps no reference model in memory (full "
+                "fine-tuning), so the fresh pairs' reference log-probs cannot be computed at a refresh. Pass a ref_model, "
+                "train a PEFT adapter, set resample_update_reference=True (the reference is then the policy at the "
+                "refresh), or set precompute_ref_log_probs=False."
+            )
+        if args.resample_update_reference and self.ref_model is None and is_peft_model(self.model):
+            peft_model = self.accelerator.unwrap_model(self.model)
+            if "ref" not in peft_model.peft_config:  # TRL uses a frozen "ref" adapter as the reference when present
+                peft_model.add_adapter("ref", peft_model.peft_config["default"])
+                self._copy_adapter_to_reference()
+        # The prompts (and the columns reward functions read) come from the dataset as given, one row per prompt
+        source = raw_dataset if "prompt" in raw_dataset.column_names else self.train_dataset
+        if len(source) and is_conversational({"prompt": source[0]["prompt"]}):
+            raise NotImplementedError(
+                "resample_every supports plain-text prompts only for now; conversational datasets need the chat "
+                "template at generation. Apply it to the prompts first (trl.apply_chat_template)."
+            )
+        # token columns are TRL's; the names below are the reward functions' own keyword arguments
+        reserved = (*_TOKEN_COLUMNS, "prompts", "completions", "completion_ids", "trainer_state")
+        drop = [c for c in source.column_names if c in reserved]
+        source = source.remove_columns(drop) if drop else source
+        first_rows, seen = [], set()
+        for row, prompt in enumerate(source["prompt"]):
+            if prompt not in seen:
+                seen.add(prompt)
+                first_rows.append(row)
+        self._prompt_source = source.select(first_rows) if len(first_rows) < len(source) else source
+        self._offline_pairs = "chosen" in self.train_dataset.column_names
+        world = self.accelerator.num_processes
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+        self._num_refresh_prompts = args.resample_num_prompts or args.resample_every * global_batch
+        self._generation_config = GenerationConfig(
+            do_sample=True,
+            temperature=args.resample_temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=args.resample_max_new_tokens,
+            num_return_sequences=args.resample_num_completions,
+            pad_token_id=self._tokenizer.pad_token_id,
+            eos_token_id=self.model.generation_config.eos_token_id or self._tokenizer.eos_token_id,
+            bos_token_id=self.model.generation_config.bos_token_id,
+        )
+
+    # ---- TRL's dataset preparation: prompt-only datasets pass through when resampling --------------------
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if (
+            getattr(args, "resample_every", None) is not None
+            and dataset_name == "train"
+            and isinstance(dataset, Dataset)
+            and "chosen" not in dataset.column_names
+        ):
+            return dataset  # prompt-only: the pairs come from the refreshes
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if self._resampling and name == "train":
+            return dataset  # each window gets its reference log-probs at its refresh
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    # ---- the loop: the Trainer draws each step's batches from the current window -----------------------------
+
+    def get_train_dataloader(self):
+        if not self._resampling:
+            return super().get_train_dataloader()
+        # Only counts steps and epochs (Trainer sizes the run with it); the batches come from get_batch_samples
+        return self.accelerator.prepare(DataLoader(range(len(self.train_dataset)), batch_size=self._train_batch_size))
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if not self._resampling:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        step, every = self.state.global_step, self.args.resample_every
+        if self._window is None or step // every > self._last_refresh // every:  # steps 0, k, 2k, ...
+            self._refresh()
+        metrics = self._metrics["train"]
+        for key, value in self._window_stats.items():
+            metrics[f"resample/{key}"].append(value)
+        metrics["resample/age"].append(float(step - self._window_step))
+        batches = [self._next_window_batch() for _ in range(num_batches)]
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def _next_window_batch(self) -> dict:
+        """This process's slice of the next global batch of the window stream (seeded permutations, end to end)."""
+        size = self.args.per_device_train_batch_size
+        start = (self._window_batches * self.accelerator.num_processes + self.accelerator.process_index) * size
+        self._window_batches += 1
+        n = len(self._window)
+        rows = []
+        for position in range(start, start + size):
+            epoch, offset = divmod(position, n)
+            if epoch not in self._window_perms:
+                generator = torch.Generator().manual_seed(_seed("window", self.args.seed, self._window_step, epoch))
+                self._window_perms = {epoch: torch.randperm(n, generator=generator).tolist()}
+            rows.append(self._window_perms[epoch][offset])
+        return self._collate(self._window.select(rows), with_sampler_logps=True)
+
+    def _collate(self, pairs: Dataset, with_sampler_logps: bool = False) -> dict:
+        keys = [key for key in _TOKEN_COLUMNS if key in pairs.column_names]
+        columns = {key: pairs[key] for key in keys}
+        batch = self.data_collator([{key: columns[key][i] for key in keys} for i in range(len(pairs))])
+        if with_sampler_logps:
+            batch["sampler_chosen_logps"] = torch.tensor(pairs["sampler_chosen_logps"], dtype=torch.float32)
+        return batch
+
+    # ---- a refresh: sample -> label -> pair -> tokenize -> replace the window ------------------------------
+
+    def _refresh_prompt_rows(self, refresh_index: int) -> list[int]:
+        """Rows of the prompt table sampled at refresh number ``refresh_index``: consecutive slices of an endless
+        stream of seeded shuffles of the distinct prompts, so every prompt comes up once per pass."""
+        n_prompts, count = len(self._prompt_source), self._num_refresh_prompts
+        rows, perms = [], {}
+        for position in range(refresh_index * count, (refresh_index + 1) * count):
+            epoch, offset = divmod(position, n_prompts)
+            if epoch not in perms:
+                generator = torch.Generator().manual_seed(_seed("prompts", self.args.seed, epoch))
+                perms[epoch] = torch.randperm(n_prompts, generator=generator).tolist()
+            rows.append(perms[epoch][offset])
+        return rows
+
+    def _local_share(self, n: int) -> tuple[list[int], int]:
+        """Indices 0..n-1 of this process (contiguous, in process order) and the per-process count every process
+        pads to, so all processes make the same number of generate / forward calls."""
+        share = -(-n // self.accelerator.num_processes)
+        start = self.accelerator.process_index * share
+        return list(range(start, min(n, start + share))), share
+
+    @torch.no_grad()
+    def _refresh(self):
+        args, step = self.args, self.state.global_step
+        rows = self._refresh_prompt_rows(step // args.resample_every)
+        local, share = self._local_share(len(rows))
+        local_rows = [rows[i] for i in local]
+        padded_rows = local_rows + [rows[0]] * (share - len(local_rows))
+        seed = _seed("generate", args.seed, step, self.accelerator.process_index)
+        completions, completion_ids = self._generate([self._prompt_source[row]["prompt"] for row in padded_rows], seed)
+        completions, completion_ids = completions[: len(local_rows)], completion_ids[: len(local_rows)]
+        rewards = self._score(local_rows, completions, completion_ids)
+        groups = gather_object(list(zip(local_rows, completions, rewards, strict=True)))  # all processes, in order
+        prompts = [self._prompt_source[row]["prompt"] for row, _, _ in groups]
+        pairs, ties = build_preference_pairs(prompts, [g for _, g, _ in groups], [s for _, _, s in groups])
+        all_rewards = [r for _, _, scores in groups for r in scores if r is not None and not math.isnan(r)]
+
+        if args.resample_update_reference:
+            self._sync_reference()
+        with _quiet_datasets():
+            window = self._build_window(pairs, step)
+        stats = {
+            "reward_mean": sum(all_rewards) / len(all_rewards) if all_rewards else float("nan"),
+            "pairs": float(len(pairs)),
+            "ties": float(ties),
+            "offline_pairs": float(0 if window is None else len(window) - sum(window["resampled"])),
+            "margin": sum(p["chosen_reward"] - p["rejected_reward"] for p in pairs) / len(pairs) if pairs else 0.0,
+        }
+        self.refresh_log.append({"step": step, **stats})
+        self._last_refresh = step
+        if window is None or len(window) == 0:
+            if self._window is None:
+                raise RuntimeError(
+                    f"The refresh at step {step} produced no preference pair ({ties} of {len(groups)} prompts tied: all "
+                    "their completions got the same reward) and there is no earlier window to keep training on. Use a "
+                    "graded reward, more resample_num_completions, a higher resample_temperature, or resample_mix > 0."
+                )
+            warnings.warn(
+                f"The refresh at step {step} produced no preference pair ({ties} ties): training goes on with the "
+                f"window sampled at step {self._window_step}.",
+                stacklevel=2,
+            )
+            self._window_stats.update({k: stats[k] for k in ("reward_mean", "pairs", "ties", "margin")})
+            return
+        self._window, self._window_step, self._window_batches, self._window_perms = window, step, 0, {}
+        self._window_stats = stats
+
+    def _generate(self, prompts: list[str], seed: int) -> tuple[list[list[str]], list[list[list[int]]]]:
+        """``resample_num_completions`` sampled completions (text and token ids) per prompt, from the current
+        policy, in left-padded batches. Seeded, so a refresh depends only on the weights and the step."""
+        args, tokenizer = self.args, self._tokenizer
+        n, batch_size = args.resample_num_completions, args.resample_batch_size or args.per_device_train_batch_size
+        eos = self._generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        device = self.accelerator.device
+        texts, ids = [], []
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs
+            ) as unwrapped,
+            DistributedBackend(self.accelerator).summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            torch.manual_seed(seed)
+            training = unwrapped.training
+            unwrapped.eval()
+            try:
+                for start in range(0, len(prompts), batch_size):
+                    chunk = prompts[start : start + batch_size]
+                    prompt_ids = [torch.tensor(_tokenize(self.processing_class, p)["input_ids"]) for p in chunk]
+                    input_ids = pad(prompt_ids, padding_value=tokenizer.pad_token_id, padding_side="left").to(device)
+                    attention_mask = pad(
+                        [torch.ones_like(p) for p in prompt_ids], padding_value=0, padding_side="left"
+                    ).to(device)
+                    output = unwrapped.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, generation_config=self._generation_config
+                    )
+                    for row in output[:, input_ids.size(1) :].tolist():
+                        cut = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+                        ids.append(row[:cut])
+            finally:
+                unwrapped.train(training)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
+        group = lambda items: [items[i : i + n] for i in range(0, len(items), n)]  # noqa: E731
+        return group(texts), group(ids)
+
+    def _score(self, rows: list[int], completions: list[list[str]], completion_ids) -> list[list[float]]:
+        """Summed rewards of each completion (NaN where every reward function returned None), TRL-style kwargs."""
+        n = self.args.resample_num_completions
+        flat = [c for group in completions for c in group]
+        if not flat:
+            return []
+        table = self._prompt_source.select(rows)
+        columns = {key: [v for v in table[key] for _ in range(n)] for key in table.column_names if key != "prompt"}
+        prompts = [p for p in table["prompt"] for _ in range(n)]
+        total = torch.zeros(len(flat), dtype=torch.float64)
+        scored = torch.zeros(len(flat), dtype=torch.bool)
+        for func in self.reward_funcs:
+            values = func(
+                prompts=prompts,
+                completions=flat,
+                completion_ids=[i for group in completion_ids for i in group],
+                trainer_state=self.state,
+                **columns,
+            )
+            if len(values) != len(flat):
+                raise ValueError(
+                    f"The reward function {getattr(func, '__name__', func)!r} returned {len(values)} rewards for "
+                    f"{len(flat)} completions: it must return one per completion."
+                )
+            values = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
+            total += torch.nan_to_num(values, nan=0.0)
+            scored |= ~torch.isnan(values)
+        total[~scored] = math.nan
+        return [total[i : i + n].tolist() for i in range(0, len(flat), n)]
+
+    def _build_window(self, pairs: list[dict], step: int) -> Dataset | None:
+        """The fresh pairs (tokenized by TRL's DPO preparation) plus the kept offline pairs, with the sampler's
+        log-probs of the fresh chosen answers and, with precompute_ref_log_probs, the reference log-probs."""
+        args = self.args
+        parts = []
+        if pairs:
+            keys = ("prompt", "chosen", "rejected", "chosen_reward", "rejected_reward")
+            fresh = Dataset.from_dict({key: [p[key] for p in pairs] for key in keys})
+            fresh = trl.DPOTrainer._prepare_dataset(self, fresh, self.processing_class, args, "resampled")
+            parts.append(fresh.add_column("resampled", [True] * len(fresh)))
+        if args.resample_mix > 0 and self._offline_pairs:
+            n_offline = round(args.resample_mix * len(self.train_dataset))
+            generator = torch.Generator().manual_seed(_seed("mix", args.seed, step))
+            keep = sorted(torch.randperm(len(self.train_dataset), generator=generator)[:n_offline].tolist())
+            if keep:
+                offline = self.train_dataset.select(keep)
+                offline = offline.add_column("chosen_reward", [math.nan] * len(offline))
+                offline = offline.add_column("rejected_reward", [math.nan] * len(offline))
+                parts.append(offline.add_column("resampled", [False] * len(offline)))
+        if not parts:
+            return None
+        columns = [
+            "prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids",
+            "chosen_reward", "rejected_reward", "resampled",
+        ]
+        window = Dataset.from_dict({key: [v for part in parts for v in part[key]] for key in columns})
+        if len(window) == 0:
+            return window
+        resampled = window["resampled"]
+        fresh_rows = [i for i, r in enumerate(resampled) if r]
+        sampler = [math.nan] * len(window)
+        for row, value in zip(fresh_rows, self._sharded_logps(window.select(fresh_rows), reference=False), strict=True):
+            sampler[row] = value[0]
+        window = window.add_column("sampler_chosen_logps", sampler)
+        if args.precompute_ref_log_probs:
+            ref = self._sharded_logps(window, reference=True)
+            window = window.add_column("ref_chosen_logps", [c for c, _ in ref])
+            window = window.add_column("ref_rejected_logps", [r for _, r in ref])
+        return window
+
+    def _sharded_logps(self, pairs: Dataset, reference: bool) -> list[tuple[float, float]]:
+        """(chosen, rejected) sequence log-probs of ``pairs`` under the current policy (``reference=False``, the same
+        fused forward as DPO's loss) or the reference (TRL's ``compute_ref_log_probs``), split over processes."""
+        local, share = self._local_share(len(pairs))
+        if not len(pairs):
+            return []
+        batch_size = self.args.resample_batch_size or self.args.per_device_train_batch_size
+        padded = local + [0] * (share - len(local))
+        out = []
+        training = self.model.training
+        self.model.train()  # the mode of the training forward (dropout is off unless disable_dropout=False)
+        try:
+            for start in range(0, len(padded), batch_size):
+                batch = self._collate(pairs.select(padded[start : start + batch_size]))
+                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+                if reference:
+                    reference_model = self.model if self.ref_model is None else self.ref_model
+                    chosen, rejected = self.compute_ref_log_probs(reference_model, batch)
+                else:
+                    chosen, rejected = self._policy_logps(batch)
+                out += list(zip(chosen.float().tolist(), rejected.float().tolist(), strict=True))
+        finally:
+            self.model.train(training)
+        return gather_object(out[: len(local)])
+
+    def _policy_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            outputs = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=labels,
+                fused_lm_head=True,
+                use_cache=False,
+            )
+        logps = outputs.log_probs[:, -(batch["completion_mask"].size(1) - 1) :].sum(dim=1)
+        return logps.chunk(2, dim=0)
+
+    def _sync_reference(self):
+        """resample_update_reference: the reference becomes the current policy."""
+        if self.ref_model is not None:
+            SyncRefModelCallback.sync_target_model(
+                self.accelerator.unwrap_model(self.model), self.accelerator.unwrap_model(self.ref_model), 1.0
+            )
+        elif is_peft_model(self.accelerator.unwrap_model(self.model)):
+            self._copy_adapter_to_reference()
+        # else: full fine-tuning with precompute_ref_log_probs: the window's reference log-probs are computed from
+        # the current policy at this refresh, which is the reference
+
+    def _copy_adapter_to_reference(self):
+        peft_model = self.accelerator.unwrap_model(self.model)
+        for name, param in peft_model.named_parameters():
+            if ".default." in name:
+                peft_model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+
+    # ---- loss: TRL's, plus the staleness of the window read from its policy forward ---------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sampler_logps = inputs.pop("sampler_chosen_logps", None)
+        if sampler_logps is None or not self.model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        captured = []
+
+        def capture(module, args, output):  # the first forward of DPO's loss is the policy's
+            if not captured:
+                captured.append(output.log_probs.detach())
+
+        handle = self.accelerator.unwrap_model(model).register_forward_hook(capture)
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            handle.remove()
+        if captured:
+            seq_len = inputs["completion_mask"].size(1) - 1
+            chosen = captured[0][:, -seq_len:].sum(dim=1).chunk(2, dim=0)[0].float()
+            self._log_staleness(chosen - sampler_logps.to(chosen.device))
+        return result
+
+    def _log_staleness(self, log_ratio: torch.Tensor):
+        """Mean and ESS fraction of the importance weights pi_theta / pi_sampler of the window's chosen answers
+        (offline pairs, whose sampler is unknown, carry NaN and are left out)."""
+        log_ratio = self.accelerator.gather(log_ratio)
+        log_ratio = log_ratio[torch.isfinite(log_ratio)]
+        if log_ratio.numel() == 0:
+            return
+        metrics = self._metrics["train"]
+        metrics["resample/staleness_logratio"].append(log_ratio.mean().item())
+        metrics["resample/ess"].append(effective_sample_size(log_ratio).item())
+
+    # ---- checkpoints: the window and the schedule are training state --------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if not self._resampling or self._window is None or self.args.save_only_model or not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        self._window.save_to_disk(os.path.join(folder, WINDOW_DIR))
+        state = {
+            "last_refresh": self._last_refresh,
+            "window_step": self._window_step,
+            "window_batches": self._window_batches,
+            "window_stats": self._window_stats,
+        }
+        with open(os.path.join(folder, WINDOW_STATE), "w") as f:
+            json.dump(state, f, indent=2)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if not self._resampling or checkpoint is None or not os.path.exists(os.path.join(checkpoint, WINDOW_STATE)):
+            return
+        with open(os.path.join(checkpoint, WINDOW_STATE)) as f:
+            state = json.load(f)
+        self._window = Dataset.load_from_disk(os.path.join(checkpoint, WINDOW_DIR), keep_in_memory=True)
+        self._last_refresh, self._window_step = state["last_refresh"], state["window_step"]
+        self._window_batches, self._window_stats = state["window_batches"], state["window_stats"]
+        self._window_perms = {}
