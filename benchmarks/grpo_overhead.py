@@ -76,6 +76,7 @@ COMMON = dict(  # the batch of recipes/grpo_*.yaml: 2 prompts x 6 completions pe
     max_completion_length=4,
     beta=BETA,
     seed=SEED,
+    loss_type="dapo",  # TRL's default, for both (trl_kl's own default is dr_grpo)
     bf16=False,  # TRL defaults to bf16 autocast, even on CPU: time float32
     use_cpu=True,
     report_to="none",
