@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass, field
 
 from datasets import Dataset, load_dataset
+from grpo import reward_function  # the GRPO recipe's: trl_kl.toy's or trl.rewards' functions by name
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from trl_kl import DPOConfig, DPOTrainer, toy
@@ -46,17 +47,6 @@ def offline_preferences(n: int, seed: int = 0, split: str = "train") -> Dataset:
     return Dataset.from_dict(
         {"prompt": problems["prompt"], "chosen": problems["answer"], "rejected": rejected, "answer": problems["answer"]}
     )
-
-
-def reward_function(name: str):
-    """A reward function by name: the toy task's, else one of TRL's (trl.rewards)."""
-    if hasattr(toy, name):
-        return getattr(toy, name)
-    import trl.rewards
-
-    if hasattr(trl.rewards, name):
-        return getattr(trl.rewards, name)
-    raise ValueError(f"Unknown reward function {name!r}: use one of trl_kl.toy's or trl.rewards'.")
 
 
 def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig):

@@ -67,15 +67,6 @@ def _config(tmp_path, layout, loss_type, placement):
     return make_config(tmp_path, loss_type=loss_type, **PLACEMENTS[placement], **overrides, **extra)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The toy model is tiny: on a shared 2-core machine intra-op threads only contend (1.8 s vs 7 ms a step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trainers(toy_path, tmp_path_factory):
     """One float64 trainer per layout, and every (layout, loss_type, placement) config, all built up front:

@@ -38,15 +38,6 @@ PAIRS = {
 KL_METRICS = ("kl/k1", "kl/k2", "kl/k3", "kl/clamp_frac")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The toy model is tiny: on a shared 2-core machine intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trainer_for(toy_path, tmp_path_factory):
     """Cached float32 trainers by config overrides. Each config is built right before its trainer: building a
