@@ -452,13 +452,17 @@ class GRPOTrainer(trl.GRPOTrainer):
         mask = self._loss_mask(inputs).to(logps.dtype)
         old = inputs.get("old_per_token_logps")
         log_ratio = (logps.detach() - old) if old is not None else None
-        self._log_importance_metrics(log_ratio, mask)
+        token_metrics, sequence_metrics = self._importance_metrics(log_ratio, mask), {}
+        if call.beta != 0.0:
+            sampling = logps.detach() if old is None else old
+            kl_token, sequence_metrics = self._kl_metrics(logps.detach(), sampling, inputs["ref_per_token_logps"], mask)
+            token_metrics.update(kl_token)
+        if token_metrics:
+            self._log_means(token_metrics, mask, sequence_metrics)
         if call.beta == 0.0:
             return 0.0
 
         ref = inputs["ref_per_token_logps"]
-        sampling = logps.detach() if old is None else old
-        self._log_kl_metrics(logps.detach(), sampling, ref, mask)
         if self.args.kl_placement == "reward":
             return 0.0
         if self.args.kl_estimator == "full":
@@ -507,23 +511,31 @@ class GRPOTrainer(trl.GRPOTrainer):
         for name, total in zip([*token, *sequence], totals):
             self._metrics[mode][name].append(total / max(tokens if name in token else sequences, 1.0))
 
-    def _log_importance_metrics(self, log_ratio: torch.Tensor | None, mask: torch.Tensor):
-        """``is/*``: the importance ratio pi_theta/pi_old. On-policy (``log_ratio`` None) it is exactly 1."""
+    def _importance_metrics(self, log_ratio: torch.Tensor | None, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``is/*`` of the importance ratio pi_theta/pi_old: logs the max and the ESS (one gather) and returns the
+        per-token values whose means the caller logs. On-policy (``log_ratio`` None) the ratio is exactly 1."""
         mode = "train" if self.model.training else "eval"
         if log_ratio is None:
             for name, value in (("is/ratio_mean", 1.0), ("is/ratio_max", 1.0), ("is/clip_frac", 0.0), ("is/ess", 1.0)):
                 self._metrics[mode][name].append(value)
-            return
+            return {}
         ratio = torch.exp(log_ratio.clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
         outside = (ratio < 1 - self.epsilon_low) | (ratio > 1 + self.epsilon_high)
-        self._log_means({"is/ratio_mean": ratio, "is/clip_frac": outside.float()}, mask)
-        self._log_mean("is/ratio_max", ratio, mask, reduce="max")
-        sequence_log_weights = self.accelerator.gather(kl.sequence_sum(log_ratio, mask))
-        self._metrics[mode]["is/ess"].append(effective_sample_size(sequence_log_weights).item())
+        # an empty micro-batch has no max: NaN, which TRL's log() drops
+        local_max = ratio[mask.bool()].max() if mask.any() else ratio.new_tensor(float("nan"))
+        local = torch.cat([local_max.reshape(1).float(), kl.sequence_sum(log_ratio, mask).float()])
+        per_process = self.accelerator.gather(local).view(self.accelerator.num_processes, -1)
+        maxima = per_process[:, 0][~torch.isnan(per_process[:, 0])]
+        ratio_max = maxima.max() if maxima.numel() else maxima.new_tensor(float("nan"))
+        ratio_max, ess = torch.stack([ratio_max, effective_sample_size(per_process[:, 1:].reshape(-1)).float()]).tolist()
+        self._metrics[mode]["is/ratio_max"].append(ratio_max)
+        self._metrics[mode]["is/ess"].append(ess)
+        return {"is/ratio_mean": ratio, "is/clip_frac": outside.float()}
 
-    def _log_kl_metrics(self, logps, sampling_logps, ref_logps, mask):
+    def _kl_metrics(self, logps, sampling_logps, ref_logps, mask) -> tuple[dict, dict]:
         """``kl/*`` whatever the estimator trained: k1, k2, k3 of the current policy (and TRL's ``kl`` key, the
-        k3 mean), the sampling policy's sequence KL and penalty, and how often a log-ratio hit the clamp."""
+        k3 mean), the sampling policy's penalty and sequence KL, how often a log-ratio hit the clamp. Returns
+        the per-token and per-sequence values whose means the caller logs."""
         current, sampling = kl.log_ratio(logps, ref_logps), kl.log_ratio(sampling_logps, ref_logps)
         clamped = (sampling.abs() > kl.LOG_RATIO_BOUND) | (current.abs() > kl.LOG_RATIO_BOUND)
         k3 = kl.k3(logps, ref_logps)
@@ -537,7 +549,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         if self.args.kl_placement == "reward":
             token["kl/penalty"] = kl.reward_penalty(self.args.kl_estimator, sampling_logps, ref_logps, self.args.k3_clip_max)
         sequence_kl = kl.sequence_sum(-sampling, mask)
-        self._log_means(token, mask, {"kl/seq_kl": sequence_kl})
         if self.model.training:  # adaptive KL control: this optimizer step's sequence KLs (reduced at its end)
             local = torch.stack([sequence_kl.sum(), sequence_kl.new_tensor(float(sequence_kl.numel()))]).double()
             self._step_kl = self._step_kl.to(local.device) + local
+        return token, {"kl/seq_kl": sequence_kl}
