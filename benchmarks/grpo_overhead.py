@@ -185,8 +185,8 @@ def prepare_for_loss(trainer):
 
 BREAKDOWN = (  # (label, owner, attribute): the code trl_kl adds to a step, timed inside a training block
     ("KL metrics and KL loss term (`_kl_loss_and_metrics`, in the loss)", "trainer", "_kl_loss_and_metrics"),
-    ("of which importance-ratio metrics (`_importance_metrics`)", "trainer", "_importance_metrics"),
     ("of which KL metrics (`_kl_metrics`)", "trainer", "_kl_metrics"),
+    ("of which logging every metric, one gather + one sync (`_log_metrics`)", "trainer", "_log_metrics"),
     ("reward shaping in the log-prob hook (`kl.kl_shaped_advantages`)", "kl", "kl_shaped_advantages"),
     ("advantages recomputed at rollout (`_advantages`)", "trainer", "_advantages"),
     ("end-of-step hook (`_end_of_optimizer_step`)", "trainer", "_end_of_optimizer_step"),

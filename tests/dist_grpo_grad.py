@@ -1,7 +1,8 @@
 """Run under ``torchrun --nproc_per_node N`` (CPU, gloo) by tests/test_grpo_distributed.py.
 
 Each process takes its slice of one fixed global batch of 8 completions, computes trl_kl's GRPO loss and its
-gradient; gradients are averaged over processes as DDP does. Rank 0 saves the averaged gradient. Then every
+gradient; gradients are averaged over processes as DDP does. Rank 0 saves the averaged gradient and the is/* and
+kl* metrics of that loss call (reduced over processes by the trainer). Then every
 process trains 2 real steps (generation, rewards gathered across processes, KL in the reward) and rank 0
 saves the losses.
 """
@@ -29,8 +30,11 @@ def local_gradient(trainer, world, rank, **batch_kwargs):
     local = GLOBAL_ROWS // world
     part = {k: (v[rank * local : (rank + 1) * local] if k != "num_items_in_batch" else v) for k, v in batch.items()}
     trainer.model.zero_grad()
+    trainer._metrics["train"].clear()
     trainer._compute_loss(trainer.model, part).backward()
-    return flat_grad(trainer.model)
+    # trl_kl's metrics of this call, reduced over processes: must equal one process's on the whole batch
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith(("is/", "kl")) and v}
+    return flat_grad(trainer.model), metrics
 
 
 def main(out_dir: str, placement: str, loss_type: str):
@@ -43,7 +47,7 @@ def main(out_dir: str, placement: str, loss_type: str):
         kl_estimator=estimator, loss_type=loss_type, max_steps=2, logging_steps=1, save_strategy="no",
     )
     trainer = make_trainer(toy_model_path(), args)
-    grad = local_gradient(trainer, world, rank)
+    grad, metrics = local_gradient(trainer, world, rank)
     if world > 1:
         dist.all_reduce(grad)
         grad /= world
@@ -51,7 +55,11 @@ def main(out_dir: str, placement: str, loss_type: str):
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     if rank == 0:
-        torch.save({"grad": grad, "losses": losses, "world": trainer.accelerator.num_processes}, tmp / f"result_{world}.pt")
+        torch.save({"grad": grad, "losses": losses, "world": trainer.accelerator.num_processes, "metrics": metrics},
+                   tmp / f"result_{world}.pt")
+    if dist.is_initialized():  # a clean teardown: exiting with gloo's threads alive can abort a rank
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -25,4 +25,8 @@ def test_two_processes_match_one(toy_path, tmp_path, placement, loss_type):
     one, two = torch.load(tmp_path / "result_1.pt"), torch.load(tmp_path / "result_2.pt")
     assert two["world"] == 2, "torchrun did not start two processes"
     torch.testing.assert_close(two["grad"], one["grad"], rtol=1e-5, atol=1e-5)
+    # every trl_kl metric (means, is/ratio_max, is/ess) is over the global batch, whatever the process count
+    assert set(two["metrics"]) == set(one["metrics"]) and {"is/ess", "is/ratio_max", "kl/seq_kl"} <= set(one["metrics"])
+    for name, value in one["metrics"].items():
+        assert two["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     assert len(two["losses"]) == 2 and all(torch.isfinite(torch.tensor(two["losses"])))

@@ -451,86 +451,90 @@ class GRPOTrainer(trl.GRPOTrainer):
         inputs, logps = call.inputs, call.logps
         mask = self._loss_mask(inputs).to(logps.dtype)
         old = inputs.get("old_per_token_logps")
-        log_ratio = (logps.detach() - old) if old is not None else None
-        token_metrics, sequence_metrics = self._importance_metrics(log_ratio, mask), {}
+        token, sequence, maxima, log_weights = {}, {}, {}, None
+        if old is not None:  # is/*: the importance ratio pi_theta / pi_old of this micro-batch
+            log_ratio = logps.detach() - old
+            ratio = torch.exp(log_ratio.clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
+            outside = (ratio < 1 - self.epsilon_low) | (ratio > 1 + self.epsilon_high)
+            token.update({"is/ratio_mean": ratio, "is/clip_frac": outside})
+            maxima["is/ratio_max"], log_weights = ratio, kl.sequence_sum(log_ratio, mask)
+        loss = 0.0
         if call.beta != 0.0:
             sampling = logps.detach() if old is None else old
-            kl_token, sequence_metrics = self._kl_metrics(logps.detach(), sampling, inputs["ref_per_token_logps"], mask)
-            token_metrics.update(kl_token)
-        if token_metrics:
-            self._log_means(token_metrics, mask, sequence_metrics)
-        if call.beta == 0.0:
-            return 0.0
+            kl_token, sequence = self._kl_metrics(logps.detach(), sampling, inputs["ref_per_token_logps"], mask)
+            token.update(kl_token)
+            if self.args.kl_placement == "loss":
+                per_token = self._kl_loss_term(call, mask)
+                token["kl/penalty"] = per_token
+                loss = call.beta * self._aggregate_like_trl(per_token, mask, inputs)
+        self._log_metrics(mask, token, sequence, maxima, log_weights)
+        if old is None:  # on-policy: the ratio is exactly 1
+            mode = "train" if self.model.training else "eval"
+            for name, value in (("is/ratio_mean", 1.0), ("is/ratio_max", 1.0), ("is/clip_frac", 0.0), ("is/ess", 1.0)):
+                self._metrics[mode][name].append(value)
+        return loss
 
-        ref = inputs["ref_per_token_logps"]
-        if self.args.kl_placement == "reward":
-            return 0.0
+    def _kl_loss_term(self, call: _LossCall, mask: torch.Tensor) -> torch.Tensor:
+        """The per-token KL loss of ``kl_placement='loss'``, ``(B, T)``, differentiable in the policy log-probs."""
+        inputs, logps = call.inputs, call.logps
         if self.args.kl_estimator == "full":
             # Exact KL(pi(.|s_t) || pi_ref(.|s_t)) over the vocabulary at each visited state (section 4, way (1);
             # appendix A): an expectation over actions already, so no sampled action to re-weight, no ratio.
-            per_token = chunked_full_kl(**call.full_kl_args, mask=mask.bool())
-        else:
-            # Loss placement: a detached importance ratio keeps each estimator's on-policy gradient off-policy
-            # (E_old[rho grad f] = E_pi[grad f]); on-policy it is exactly 1. use_bias_correction_kl keeps its gradient.
-            ratio = None
-            if self.args.use_bias_correction_kl:
-                sampling = logps.detach() if old is None else old
-                ratio = torch.exp((logps - sampling).clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
-            elif log_ratio is not None:
-                ratio = torch.exp(log_ratio.clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
-            per_token = kl.kl_loss(self.args.kl_estimator, logps, ref, self.args.k3_clip_max, importance_ratio=ratio)
-        self._log_mean("kl/penalty", per_token.detach(), mask)
-        return call.beta * self._aggregate_like_trl(per_token, mask, inputs)
+            return chunked_full_kl(**call.full_kl_args, mask=mask.bool())
+        # A detached importance ratio keeps each estimator's on-policy gradient off-policy
+        # (E_old[rho grad f] = E_pi[grad f]); on-policy it is exactly 1. use_bias_correction_kl keeps its gradient.
+        old, ratio = inputs.get("old_per_token_logps"), None
+        if self.args.use_bias_correction_kl:
+            sampling = logps.detach() if old is None else old
+            ratio = torch.exp((logps - sampling).clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
+        elif old is not None:
+            ratio = torch.exp((logps.detach() - old).clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
+        return kl.kl_loss(self.args.kl_estimator, logps, inputs["ref_per_token_logps"], self.args.k3_clip_max,
+                          importance_ratio=ratio)
 
     # ---- metrics ------------------------------------------------------------------------------------
 
-    def _log_mean(self, name: str, values: torch.Tensor, mask: torch.Tensor | None = None, reduce: str = "mean"):
-        """Log a masked mean (or max) over every process's tokens under TRL's ``_metrics`` (averaged at log time)."""
+    def _log_metrics(
+        self,
+        mask: torch.Tensor,
+        token: dict[str, torch.Tensor] | None = None,
+        sequence: dict[str, torch.Tensor] | None = None,
+        maxima: dict[str, torch.Tensor] | None = None,
+        log_weights: torch.Tensor | None = None,
+    ) -> None:
+        """Log under TRL's ``_metrics``, over every process, with one gather and one host sync per call (not one
+        per metric: on a small model a sync costs as much as the metric): masked per-token means (``token``,
+        ``(B, T)`` each), per-sequence means (``sequence``, ``(B,)`` each), masked maxima (``maxima``, ``(B, T)``
+        each; NaN when no process has a token, which TRL's ``log`` drops) and ``is/ess``, the effective sample
+        size fraction of the per-sequence importance log-weights ``log_weights`` ``(B,)``. Every process must
+        pass the same names and the same B (TRL's micro-batches are equal-sized)."""
         mode = "train" if self.model.training else "eval"
-        values = values.detach().float()
-        if reduce == "max":
-            local = values[mask.bool()].max() if mask is not None and mask.any() else values.new_tensor(float("-inf"))
-            value = self.accelerator.gather(local.reshape(1)).max().item()
-            self._metrics[mode][name].append(value if value != float("-inf") else float("nan"))  # TRL's log() drops NaN
-            return
-        mask = torch.ones_like(values) if mask is None else mask.float()
-        stats = torch.stack([kl.masked(values, mask).sum(), mask.sum()])
-        total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
-        self._metrics[mode][name].append(total / max(count, 1.0))
-
-    def _log_means(self, token: dict[str, torch.Tensor], mask: torch.Tensor, sequence: dict[str, torch.Tensor] | None = None):
-        """Log masked per-token means (``token``, ``(B, T)`` each) and per-sequence means (``sequence``, ``(B,)``
-        each) over every process with a single reduction: one sync per loss call, not one per metric."""
-        mode = "train" if self.model.training else "eval"
-        sequence = sequence or {}
-        sums = [kl.masked(torch.stack([v.detach().float() for v in token.values()]), mask.bool()).sum((1, 2))]
+        token, sequence, maxima = token or {}, sequence or {}, maxima or {}
+        selected = mask.bool()
+        parts = []
+        if token:
+            parts.append(kl.masked(torch.stack([v.detach().float() for v in token.values()]), selected).sum((1, 2)))
         if sequence:
-            sums.append(torch.stack([v.detach().float().sum() for v in sequence.values()]))
-        counts = torch.stack([mask.float().sum(), mask.new_tensor(float(mask.shape[0]), dtype=torch.float32)])
-        *totals, tokens, sequences = self.accelerator.reduce(torch.cat([*sums, counts]), reduction="sum").tolist()
-        for name, total in zip([*token, *sequence], totals):
+            parts.append(torch.stack([v.detach().float() for v in sequence.values()]).sum(-1))
+        parts.append(torch.stack([selected.sum(), selected.new_tensor(selected.shape[0], dtype=torch.long)]).float())
+        if maxima:
+            stacked = torch.stack([v.detach().float() for v in maxima.values()])
+            parts.append(torch.where(selected, stacked, stacked.new_tensor(float("-inf"))).amax((1, 2)))
+        if log_weights is not None:
+            parts.append(log_weights.detach().float())
+        local = torch.cat(parts)
+        processes = self.accelerator.num_processes
+        table = (self.accelerator.gather(local) if processes > 1 else local).view(processes, -1)
+        n_sums = len(token) + len(sequence) + 2
+        results = [table[:, :n_sums].sum(0), table[:, n_sums : n_sums + len(maxima)].amax(0)]
+        if log_weights is not None:
+            results.append(effective_sample_size(table[:, n_sums + len(maxima) :].reshape(-1)).float().reshape(1))
+        values = torch.cat(results).tolist()
+        totals, (tokens, sequences), rest = values[: n_sums - 2], values[n_sums - 2 : n_sums], values[n_sums:]
+        for name, total in zip([*token, *sequence], totals, strict=True):
             self._metrics[mode][name].append(total / max(tokens if name in token else sequences, 1.0))
-
-    def _importance_metrics(self, log_ratio: torch.Tensor | None, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``is/*`` of the importance ratio pi_theta/pi_old: logs the max and the ESS (one gather) and returns the
-        per-token values whose means the caller logs. On-policy (``log_ratio`` None) the ratio is exactly 1."""
-        mode = "train" if self.model.training else "eval"
-        if log_ratio is None:
-            for name, value in (("is/ratio_mean", 1.0), ("is/ratio_max", 1.0), ("is/clip_frac", 0.0), ("is/ess", 1.0)):
-                self._metrics[mode][name].append(value)
-            return {}
-        ratio = torch.exp(log_ratio.clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
-        outside = (ratio < 1 - self.epsilon_low) | (ratio > 1 + self.epsilon_high)
-        # an empty micro-batch has no max: NaN, which TRL's log() drops
-        local_max = ratio[mask.bool()].max() if mask.any() else ratio.new_tensor(float("nan"))
-        local = torch.cat([local_max.reshape(1).float(), kl.sequence_sum(log_ratio, mask).float()])
-        per_process = self.accelerator.gather(local).view(self.accelerator.num_processes, -1)
-        maxima = per_process[:, 0][~torch.isnan(per_process[:, 0])]
-        ratio_max = maxima.max() if maxima.numel() else maxima.new_tensor(float("nan"))
-        ratio_max, ess = torch.stack([ratio_max, effective_sample_size(per_process[:, 1:].reshape(-1)).float()]).tolist()
-        self._metrics[mode]["is/ratio_max"].append(ratio_max)
-        self._metrics[mode]["is/ess"].append(ess)
-        return {"is/ratio_mean": ratio, "is/clip_frac": outside.float()}
+        for name, value in zip([*maxima, "is/ess"], rest):
+            self._metrics[mode][name].append(value if value != float("-inf") else float("nan"))
 
     def _kl_metrics(self, logps, sampling_logps, ref_logps, mask) -> tuple[dict, dict]:
         """``kl/*`` whatever the estimator trained: k1, k2, k3 of the current policy (and TRL's ``kl`` key, the
@@ -549,7 +553,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         if self.args.kl_placement == "reward":
             token["kl/penalty"] = kl.reward_penalty(self.args.kl_estimator, sampling_logps, ref_logps, self.args.k3_clip_max)
         sequence_kl = kl.sequence_sum(-sampling, mask)
-        if self.model.training:  # adaptive KL control: this optimizer step's sequence KLs (reduced at its end)
+        if self.model.training and self.args.kl_target is not None:  # adaptive KL: this optimizer step's sequence KLs
             local = torch.stack([sequence_kl.sum(), sequence_kl.new_tensor(float(sequence_kl.numel()))]).double()
             self._step_kl = self._step_kl.to(local.device) + local
         return token, {"kl/seq_kl": sequence_kl}

@@ -158,8 +158,7 @@ class PPOTrainer(GRPOTrainer):
             ("objective/rlhf_reward", finite - self.beta * sequence_kl),
         ):
             self._metrics[mode][key].append(self.accelerator.gather(value).mean().item())
-        self._log_mean("val/values", old_values, mask)
-        self._log_mean("val/returns", returns, mask)
+        self._log_metrics(mask, token={"val/values": old_values, "val/returns": returns})
         return advantages
 
     # ---- loss: TRL's surrogate for the policy, the clipped value loss for the critic --------------------
