@@ -61,3 +61,9 @@ def test_quick_run_counts_generation_calls_and_updates(toy_path, tmp_path):
     saved = json.loads((tmp_path / "offpolicy_efficiency.json").read_text())
     assert saved["budget"]["calls"] == budget.calls and (tmp_path / "offpolicy_efficiency.png").exists()
     assert not (tmp_path / "performance.md").exists()  # quick runs never touch the docs
+
+
+def test_seed_ratios_pair_each_seed_and_skip_seeds_that_never_reach_the_target():
+    base = [_run("stock-on", 0, [0.5, 0.6, 0.7]), _run("stock-on", 1, [0.5, 0.55, 0.6])]  # crosses 0.6 at 4, 8
+    arm = [_run("x", 0, [0.5, 0.7, 0.7]), _run("x", 1, [0.5, 0.5, 0.5])]  # seed 0 at 2; seed 1 never
+    assert ope.seed_ratios(base, arm, 0.6) == [pytest.approx(4 / 2)]
