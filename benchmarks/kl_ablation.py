@@ -307,14 +307,34 @@ def train_summary(train_log: dict[str, list]) -> dict:
     }
 
 
+def toy_trainer(trainer_cls, args, callback):
+    """A GRPO trainer (``trl_kl``'s or stock TRL's) on the warm-started toy with the training reward (correctness +
+    closeness) and 2000 training problems drawn with ``args.seed``; ``callback`` records, nothing prints."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    from trl_kl import toy
+
+    path, _, tokenizer = _reference()
+    trainer = trainer_cls(
+        model=path,
+        reward_funcs=[toy.correctness_reward, toy.closeness_reward],
+        args=args,
+        train_dataset=toy.make_dataset(2000, seed=args.seed, split="train"),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    for printer in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(printer)
+    return trainer
+
+
 def run_one(key: str, regime: str, seed: int, budget: Budget, workdir: str) -> dict:
     """Train one variant and return its curves."""
-    import torch
-    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+    from transformers import TrainerCallback
 
-    from trl_kl import GRPOTrainer, toy
+    from trl_kl import GRPOTrainer
 
-    path, ref, tokenizer = _reference()
+    _, ref, tokenizer = _reference()
     groups = held_out_groups(tokenizer, budget.eval_prompts)
     curves: dict[str, list] = {"step": [], "reward": [], "correct": [], "true_kl": [], "mc_kl": [], "entropy": [], "length": []}
     train_log: dict[str, list] = {"step": [], "reward": [], "is/ess": [], "is/clip_frac": [], "kl/seq_kl": []}
@@ -344,16 +364,7 @@ def run_one(key: str, regime: str, seed: int, budget: Budget, workdir: str) -> d
     steps = args.max_steps
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = GRPOTrainer(
-            model=path,
-            reward_funcs=[toy.correctness_reward, toy.closeness_reward],
-            args=args,
-            train_dataset=toy.make_dataset(2000, seed=seed, split="train"),
-            processing_class=tokenizer,
-            callbacks=[Recorder()],
-        )
-        for callback in (PrinterCallback, ProgressCallback):
-            trainer.remove_callback(callback)
+        trainer = toy_trainer(GRPOTrainer, args, Recorder())
         evaluate(trainer.model, 0)
         trainer.train()
     result = {"key": key, "regime": regime, "seed": seed, "curves": curves, **train_summary(train_log),

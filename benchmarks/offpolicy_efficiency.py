@@ -130,13 +130,12 @@ def config_for(arm: Arm, seed: int, budget: Budget, output_dir: str):
 def run_one(key: str, seed: int, budget: Budget, workdir: str) -> dict:
     """Train one arm for ``budget.calls`` generation calls; its held-out curve against calls and seconds."""
     import trl
-    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+    from transformers import TrainerCallback
 
     import trl_kl
-    from trl_kl import toy
 
     arm = BY_KEY[key]
-    path, ref, tokenizer = kl_ablation._reference()
+    _, ref, tokenizer = kl_ablation._reference()
     groups = kl_ablation.held_out_groups(tokenizer, budget.eval_prompts)
     curve: dict[str, list] = {"calls": [], "steps": [], "seconds": [], "reward": [], "correct": [], "true_kl": []}
     clock = {"train": 0.0, "since": 0.0, "generate": 0.0}
@@ -172,16 +171,7 @@ def run_one(key: str, seed: int, budget: Budget, workdir: str) -> dict:
     start = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = trainer_cls(
-            model=path,
-            reward_funcs=[toy.correctness_reward, toy.closeness_reward],
-            args=args,
-            train_dataset=toy.make_dataset(2000, seed=seed, split="train"),
-            processing_class=tokenizer,
-            callbacks=[Recorder()],
-        )
-        for callback in (PrinterCallback, ProgressCallback):
-            trainer.remove_callback(callback)
+        trainer = kl_ablation.toy_trainer(trainer_cls, args, Recorder())
         generate = trainer._generate_and_score_completions
 
         def counted(*a, **kw):

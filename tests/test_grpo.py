@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 import trl
-from transformers import AutoTokenizer
 
 from grpo_batch import B, G, fixed_batch, make_config, make_trainer
 from trl_kl import GRPOConfig, GRPOTrainer, kl
