@@ -391,3 +391,62 @@ def test_chunked_peak_does_not_grow_with_sequence_length(tiles):
     # only per-row quantities grow (grad of h: hdim floats; indices, normalisers, KL: a few floats per row)
     assert peaks[512] - peaks[128] <= (512 - 128) * (hdim + 16) * 8
     assert peaks[128] >= 2 * TILE_ROWS * TILE_COLS * 4  # TRL's two tile buffers
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tile as an argument (token_chunk_size, vocab_chunk_size): TRL's constants set for its forward *and* backward
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows, cols", [(7, 13), (1, 1), (5000, 40000)])
+def test_tile_arguments_match_naive_and_restore_trls_constants(rows, cols):
+    h, w, b, rh, rw, rb, up = make_problem()
+    out = hidden_kl(h, w, b, rh, rw, rb, token_chunk_size=rows, vocab_chunk_size=cols)
+    expected = naive(h, w, b, rh, rw, rb)
+    assert_close(out, expected, 1e-5)
+    for got, want in zip(grads(out, up, (h, w, b)), grads(expected, up, (h, w, b)), strict=True):
+        assert_close(got, want, 1e-5)
+    assert (trl_divergence.TOKEN_CHUNK_SIZE, trl_divergence.VOCAB_CHUNK_SIZE) == (4096, 32768)
+
+
+def test_tile_arguments_hold_in_the_backward():
+    """With TRL's own tile the backward would allocate two 512 x 32768 buffers (128 MiB): the bound below fails
+    unless the backward runs with the tile given to the forward."""
+    n, hdim, vocab = 512, 16, 1000
+    tile = TILE_ROWS * TILE_COLS * 4
+    h, w, b, rh, rw, rb, up = make_problem(n_lead=(n,), hidden=hdim, ref_hidden=hdim, vocab=vocab)
+    out = hidden_kl(h, w, b, rh, rw, rb, token_chunk_size=TILE_ROWS, vocab_chunk_size=TILE_COLS)
+    with TensorMemoryTracker() as backward:
+        torch.autograd.grad((out * up).sum(), (h, w, b))
+    grads_bytes = (n * hdim + vocab * hdim + vocab) * 4
+    assert backward.peak_bytes <= TILES_LIVE * tile + grads_bytes + 64 * n
+    assert backward.largest_bytes <= max(tile, vocab * hdim * 4, n * hdim * 4), backward.largest_op
+
+
+def test_a_twelfth_of_the_vocabulary_meets_the_memory_target():
+    """The issue's target: working set (what is allocated besides the gradients every method returns) <= 1.2 x one
+    chunk's logits (rows x V float32), with vocabulary tiles of V / 12 on TRL's CPU path; TRL's own tile (32768
+    columns) is far above it at this V."""
+    n, hdim, vocab, rows = 512, 16, 2400, 128
+    chunk_logits = rows * vocab * 4
+    grads_bytes = (n * hdim + vocab * hdim + vocab) * 4
+    h, w, b, rh, rw, rb, up = make_problem(n_lead=(n,), hidden=hdim, ref_hidden=hdim, vocab=vocab)
+
+    def working(**tile):
+        with TensorMemoryTracker() as tracker:
+            out = hidden_kl(h, w, b, rh, rw, rb, **tile)
+            forward = tracker.peak_bytes
+            torch.autograd.grad((out * up).sum(), (h, w, b))
+            del out
+        return max(forward, tracker.peak_bytes - grads_bytes) / chunk_logits
+
+    assert working(token_chunk_size=rows, vocab_chunk_size=vocab // 12) <= 1.2
+    assert working(token_chunk_size=rows) > 10  # TRL's 32768-column tile: ~11 x 32768 / 2400 chunks' logits
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "64"])
+def test_tile_arguments_are_validated(bad):
+    h, w, b, rh, rw, rb, _ = make_problem()
+    for name in ("token_chunk_size", "vocab_chunk_size"):
+        with pytest.raises(ValueError, match=name):
+            hidden_kl(h, w, b, rh, rw, rb, **{name: bad})

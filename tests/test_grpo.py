@@ -174,6 +174,9 @@ BAD_CONFIGS = [
     (dict(use_bias_correction_kl=True, kl_placement="loss", kl_estimator="k2"), "use_bias_correction_kl"),
     (dict(multi_objective_aggregation="normalize_then_sum", clip_std_min=0.1), "sum_then_normalize"),
     (dict(loss_type="vespo"), "vespo"),
+    (dict(full_kl_vocab_chunk_size=1024), "only kl_estimator='full'"),
+    (dict(kl_estimator="full", kl_placement="loss", full_kl_token_chunk_size=0), "token_chunk_size must be"),
+    (dict(kl_estimator="full", kl_placement="loss", full_kl_vocab_chunk_size=-8), "vocab_chunk_size must be"),
     (dict(num_generations=3), "divisible by num_generations"),
     (dict(num_generations=1, per_device_train_batch_size=4), "at least 2 generations"),
 ]

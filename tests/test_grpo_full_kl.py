@@ -3,9 +3,11 @@ way (1)), from the policy's own forward and one extra reference forward, checked
 
 import warnings
 
+import pytest
 import torch
 
 from grpo_batch import B, fixed_batch, make_config, make_trainer
+import trl_kl.grpo as grpo_module
 from trl_kl import kl
 from trl_kl.grpo import _LossCall
 
@@ -43,8 +45,15 @@ def _expected_loss(trainer, batch):
     return ((per_token * mask).sum(1) / mask.sum(1)).mean(), exact
 
 
-def test_full_kl_loss_matches_surrogate_plus_naive_exact_kl(toy_path, tmp_path):
-    trainer = make_trainer(toy_path, make_config(tmp_path, kl_estimator="full", kl_placement="loss", num_iterations=2))
+@pytest.mark.parametrize("tile", [{}, dict(full_kl_token_chunk_size=3, full_kl_vocab_chunk_size=4)],
+                         ids=["trl-tile", "small-tile"])
+def test_full_kl_loss_matches_surrogate_plus_naive_exact_kl(toy_path, tmp_path, tile, monkeypatch):
+    """TRL's tile and a tile of 3 tokens x 4 of the toy's vocabulary columns (many tiles both ways) alike."""
+    trainer = make_trainer(
+        toy_path, make_config(tmp_path, kl_estimator="full", kl_placement="loss", num_iterations=2, **tile)
+    )
+    seen, real = {}, grpo_module.chunked_full_kl
+    monkeypatch.setattr(grpo_module, "chunked_full_kl", lambda **kwargs: seen.update(kwargs) or real(**kwargs))
     _perturb_reference(trainer)
     batch, _ = fixed_batch(trainer)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -62,6 +71,8 @@ def test_full_kl_loss_matches_surrogate_plus_naive_exact_kl(toy_path, tmp_path):
     logged = trainer._metrics["train"]["kl/penalty"][-1]  # the masked mean of the exact KL
     assert abs(logged - exact[mask].mean().item()) < 1e-5
     assert not any(p.grad is not None for p in trainer.ref_model.parameters())
+    assert (seen["token_chunk_size"], seen["vocab_chunk_size"]) == (
+        tile.get("full_kl_token_chunk_size"), tile.get("full_kl_vocab_chunk_size"))
 
 
 def test_hidden_states_are_concatenated_over_trl_micro_batches(toy_path, tmp_path):

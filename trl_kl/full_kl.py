@@ -25,20 +25,23 @@ is a constant.
 
 The computation is TRL's, not ours. ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` with ``beta=1.0``
 is the reverse KL(student || teacher) per token, from both models' hidden states and LM heads, in tiles of
-``TOKEN_CHUNK_SIZE`` rows x ``VOCAB_CHUNK_SIZE`` vocabulary columns (module constants of that file, 4096 x 32768 in
-TRL 1.16: not arguments) with an online log-sum-exp; the backward recomputes the tiles and applies exactly the
-gradient above (its ``MODE == 1``). It also handles ``logit_scale`` (Cohere, Granite, ...), final-logit softcapping
-(Gemma), ZeRO-3 sharded heads (``maybe_gather_lm_head_ctx``) and Triton kernels on GPU. This wrapper only adds what
-a GRPO KL term needs around it: leading batch dimensions, a mask that *selects* rows (padding is never projected,
-so even NaN there cannot leak), and a float32 ``(B, T)`` result. What TRL's kernel cannot do, this module does not
-offer either: no chunk-size arguments (monkeypatch TRL's constants, as the tests do, to change them), no reference
-given as a logits callback, and the arithmetic is always float32 (float64 inputs are accepted but computed in
+``TOKEN_CHUNK_SIZE`` rows x ``VOCAB_CHUNK_SIZE`` vocabulary columns with an online log-sum-exp; the backward
+recomputes the tiles and applies exactly the gradient above (its ``MODE == 1``). It also handles ``logit_scale``
+(Cohere, Granite, ...), final-logit softcapping (Gemma), ZeRO-3 sharded heads (``maybe_gather_lm_head_ctx``) and
+Triton kernels on GPU. This wrapper only adds what a GRPO KL term needs around it: leading batch dimensions, a mask
+that *selects* rows (padding is never projected, so even NaN there cannot leak), a float32 ``(B, T)`` result, and
+the tile size as an argument. The arithmetic is always float32 (float64 inputs are accepted but computed in
 float32, so results agree with a float64 reference to ~1e-6 relative, not 1e-12).
 
-Memory (CPU path, torch ops): two float32 buffers of min(N, TOKEN_CHUNK_SIZE) x VOCAB_CHUNK_SIZE plus the per-tile
-temporaries of ``_stats_tile`` / ``_backward_tile`` (a handful of tile-sized tensors), the inputs, the gradients
-(N x H for h, V x H for W) and a few floats per row: independent of N once N >= TOKEN_CHUNK_SIZE. Below that a
-tile is N rows x VOCAB_CHUNK_SIZE columns, i.e. already every row (``benchmarks/full_kl_memory.py`` measures it).
+Tile size and memory. TRL 1.16 fixes the tile at 4096 x 32768 (module constants, read when its forward and its
+backward run). Its working set is two float32 tile buffers plus, in the torch fallback that runs on CPU (and on GPU
+without Triton), the temporaries of ``_stats_tile`` / ``_backward_tile``: about 11 tile-sized tensors live at once
+(measured: ``benchmarks/full_kl_memory.py``). With Triton only the two buffers remain. Either way the working set is
+independent of N once N >= the tile's rows, but relative to one chunk's logits (rows x V) it is 11 x 32768 / V on
+CPU: above the naive computation for V = 32000. ``token_chunk_size`` / ``vocab_chunk_size`` choose the tile:
+``_TiledDivergence`` is TRL's autograd function with the module constants set to them while its forward and its
+backward run (under a lock, restored after), so a vocabulary chunk of about V / 12 keeps the CPU working set within
+1.2 x one chunk's logits (~0.9x measured); None keeps TRL's values (fastest, and the right choice on GPU with a large vocabulary).
 
 References: the paper is ``shared/paper`` ("Rethinking KL Divergence in RLHF", 2025): section 4's way (1), eq. 22
 (section 3.1), appendix A. "NOTES §N" is ``shared/NOTES.md``.
@@ -47,17 +50,63 @@ References: the paper is ``shared/paper`` ("Rethinking KL Divergence in RLHF", 2
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 
 import torch
+from trl.kernels import chunked_divergence as _trl_divergence
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
 from .kl import full_kl as _naive_full_kl
 
-__all__ = ["REVERSE_KL_BETA", "chunked_full_kl", "full_kl_from_logits"]
+__all__ = ["REVERSE_KL_BETA", "chunked_full_kl", "full_kl_from_logits", "validate_tile_size"]
 
 REVERSE_KL_BETA = 1.0
 """``beta`` of TRL's ``ChunkedDivergenceFunction`` that selects the reverse KL(student || teacher) = KL(pi || pi_ref)
 (0.0 is the forward KL, anything in between the generalized JSD)."""
+
+
+_TILE_LOCK = threading.Lock()
+
+
+@contextmanager
+def _tile_size(token_chunk_size: int | None, vocab_chunk_size: int | None):
+    """TRL's tile constants set to the given sizes (None: left as they are) for the duration, then restored."""
+    if token_chunk_size is None and vocab_chunk_size is None:
+        yield
+        return
+    with _TILE_LOCK:
+        saved = _trl_divergence.TOKEN_CHUNK_SIZE, _trl_divergence.VOCAB_CHUNK_SIZE
+        _trl_divergence.TOKEN_CHUNK_SIZE = token_chunk_size or saved[0]
+        _trl_divergence.VOCAB_CHUNK_SIZE = vocab_chunk_size or saved[1]
+        try:
+            yield
+        finally:
+            _trl_divergence.TOKEN_CHUNK_SIZE, _trl_divergence.VOCAB_CHUNK_SIZE = saved
+
+
+class _TiledDivergence(ChunkedDivergenceFunction):
+    """TRL's ``ChunkedDivergenceFunction`` with the tile size as two extra (last) arguments: TRL reads its tile
+    constants in the forward *and* in the backward, so both run with them set (``_tile_size``)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        *trl_args, token_chunk_size, vocab_chunk_size = args
+        ctx.tile_size = token_chunk_size, vocab_chunk_size
+        with _tile_size(token_chunk_size, vocab_chunk_size):
+            return ChunkedDivergenceFunction.forward(ctx, *trl_args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        with _tile_size(*ctx.tile_size):
+            return (*ChunkedDivergenceFunction.backward(ctx, *grads), None, None)
+
+
+def validate_tile_size(token_chunk_size: int | None, vocab_chunk_size: int | None) -> None:
+    """Both None (TRL's tile) or ints >= 1."""
+    for name, value in (("token_chunk_size", token_chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{name} must be None (TRL's default tile) or an int >= 1, got {value!r}.")
 
 
 def _selected_rows(mask: torch.Tensor | None, lead: torch.Size, device: torch.device) -> torch.Tensor | None:
@@ -102,6 +151,8 @@ def chunked_full_kl(
     final_logit_softcapping: float | None = None,
     ref_logit_scale: float = 1.0,
     ref_final_logit_softcapping: float | None = None,
+    token_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Exact per-position KL(pi_theta(.|s_t) || pi_ref(.|s_t)) over the full vocabulary, from both models' final
     hidden states and LM heads, without materialising (N, V) logits (the paper's way (1) of section 4, eq. 22,
@@ -118,12 +169,16 @@ def chunked_full_kl(
         temperature: both models' logits are divided by it (as TRL's fused LM head does), after scale/softcap.
         logit_scale, final_logit_softcapping (and ``ref_*``): each model's logit post-processing from its config,
             ``z = softcap * tanh(scale * logits / softcap)`` (Gemma, Cohere, Granite, ...), applied by TRL's kernel.
+        token_chunk_size, vocab_chunk_size: the tile, rows x vocabulary columns (None: TRL's 4096 x 32768). The
+            working set is a fixed number of tiles whatever N is (module docstring): about V / 12 columns keeps it
+            within 1.2 x one chunk's logits on CPU.
 
     Returns:
         ``(...)`` float32 KL per position. Differentiable in ``hidden``, ``weight`` and ``bias``, with
         dKL/dz = p (log p - log q - KL) per row (module docstring); not twice.
     """
     _check_temperature(temperature)
+    validate_tile_size(token_chunk_size, vocab_chunk_size)
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"hidden (..., H) and weight (V, H) do not match: {tuple(hidden.shape)}, {tuple(weight.shape)}."
@@ -144,7 +199,7 @@ def chunked_full_kl(
     rows = _selected_rows(mask, lead, hidden.device)
     # ref_weight / ref_bias go in as they are (not detached): under ZeRO-3 TRL's kernel must see the Parameter to
     # gather it, and it returns no gradient for the teacher anyway.
-    kl, _entropy = ChunkedDivergenceFunction.apply(
+    kl, _entropy = _TiledDivergence.apply(
         _select(hidden, rows),
         weight,
         bias,
@@ -157,6 +212,8 @@ def chunked_full_kl(
         final_logit_softcapping,
         ref_logit_scale,
         ref_final_logit_softcapping,
+        token_chunk_size,
+        vocab_chunk_size,
     )
     return _scatter_rows(kl.float(), rows, lead)
 

@@ -28,7 +28,7 @@ from accelerate.utils import is_peft_model
 from . import kl
 from .compat import check_trl_version
 from .advantages import SCALE_MODES, effective_sample_size, group_normalized_advantages, validate_std_bounds
-from .full_kl import chunked_full_kl
+from .full_kl import chunked_full_kl, validate_tile_size
 
 check_trl_version()
 
@@ -78,6 +78,21 @@ class GRPOConfig(trl.GRPOConfig):
     k3_clip_max: float = field(
         default=kl.DEFAULT_K3_CLIP_MAX,
         metadata={"help": "Upper clamp of the ratio pi_ref/pi for kl_estimator='k3_clip' (appendix D uses 10)."},
+    )
+    full_kl_token_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "kl_estimator='full' only: rows (completion tokens) per tile of TRL's chunked KL kernel. None: "
+            "TRL's 4096. The kernel's working set is a fixed number of tiles, whatever the sequence length."
+        },
+    )
+    full_kl_vocab_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "kl_estimator='full' only: vocabulary columns per tile. None: TRL's 32768 (right for GPUs with "
+            "Triton and large vocabularies). About vocab_size / 12 keeps the CPU (torch) path within 1.2x one "
+            "chunk's logits (docs/performance.md)."
+        },
     )
     clip_std_min: float | None = field(
         default=None,
@@ -148,6 +163,14 @@ class GRPOConfig(trl.GRPOConfig):
             # SOUNDNESS refuses it already; with allow_unsound_kl there is still no per-token reward to carry
             raise ValueError(
                 "kl_estimator='full' (exact KL over the vocabulary) exists only as a loss: use kl_placement='loss'."
+            )
+        validate_tile_size(self.full_kl_token_chunk_size, self.full_kl_vocab_chunk_size)
+        if self.kl_estimator != "full" and (
+            self.full_kl_token_chunk_size is not None or self.full_kl_vocab_chunk_size is not None
+        ):
+            raise ValueError(
+                "full_kl_token_chunk_size / full_kl_vocab_chunk_size set the tile of the exact KL over the vocabulary, "
+                f"which only kl_estimator='full' computes (got kl_estimator={self.kl_estimator!r}): unset them."
             )
         if self.multi_objective_aggregation == "normalize_then_sum" and (
             self.clip_std_min is not None
@@ -424,6 +447,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             hidden=hidden.to(args["weight"].device),
             ref_hidden=ref_hidden.to(args["ref_weight"].device),
             temperature=self.temperature,
+            token_chunk_size=self.args.full_kl_token_chunk_size,
+            vocab_chunk_size=self.args.full_kl_vocab_chunk_size,
         )
         return args
 
