@@ -121,6 +121,8 @@ BAD = [
     (dict(num_generations=0), "num_generations must be"),
     (dict(kl_estimator="k1", kl_placement="loss"), "zero expected gradient"),
     (dict(per_device_train_batch_size=1), "per_device_train_batch_size >= 2"),
+    (dict(kl_reward_scope="token"), "PPO carries the per-token penalty with GAE"),
+    (dict(clip_std_min=0.1), "PPO carries the per-token penalty with GAE"),
 ]
 
 

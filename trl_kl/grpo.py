@@ -148,6 +148,7 @@ class GRPOConfig(trl.GRPOConfig):
         if not (isinstance(self.k3_clip_max, (int, float)) and math.isfinite(self.k3_clip_max) and self.k3_clip_max > 1):
             raise ValueError(f"k3_clip_max must be a finite number > 1 (a clamp on pi_ref/pi), got {self.k3_clip_max}.")
         validate_std_bounds(self.clip_std_min, self.clip_std_max)
+        self._refuse_fields_without_effect()
         if not math.isfinite(self.beta) or self.beta < 0:
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta}.")
         if self.kl_target is not None:
@@ -186,6 +187,24 @@ class GRPOConfig(trl.GRPOConfig):
                 "loss_type='vespo' weights whole sequences by the sign of their advantage, so it cannot take "
                 "per-token KL-shaped advantages: use kl_reward_scope='sequence', kl_placement='loss', or another "
                 "loss_type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo)."
+            )
+
+    def _refuse_fields_without_effect(self):
+        """Nothing set is silently ignored: a field set away from its default where it cannot act is an error."""
+        if self.kl_placement == "loss" and self.kl_reward_scope != "return_to_go":
+            raise ValueError(
+                f"kl_reward_scope={self.kl_reward_scope!r} says how the penalty is carried in the *reward*; with "
+                "kl_placement='loss' there is none. Unset kl_reward_scope or use kl_placement='reward'."
+            )
+        if self.kl_estimator != "k3_clip" and self.k3_clip_max != kl.DEFAULT_K3_CLIP_MAX:
+            raise ValueError(
+                f"k3_clip_max={self.k3_clip_max} only acts with kl_estimator='k3_clip' (got {self.kl_estimator!r}): "
+                "unset it or choose k3_clip."
+            )
+        if self.scale_rewards == "none" and (self.clip_std_min is not None or self.clip_std_max is not None):
+            raise ValueError(
+                "clip_std_min/clip_std_max bound the std that group normalisation divides by (eq. 41), but "
+                "scale_rewards='none' divides by nothing: use scale_rewards='group' (or 'batch') or unset them."
             )
 
 

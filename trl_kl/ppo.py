@@ -68,6 +68,12 @@ class PPOConfig(GRPOConfig):
         finally:
             if single:
                 self.num_generations = 1
+        if self.kl_reward_scope != "return_to_go" or self.clip_std_min is not None or self.clip_std_max is not None:
+            raise ValueError(
+                "kl_reward_scope and clip_std_min/clip_std_max are GRPO's (group normalisation, critic-free KL "
+                "carrying); PPO carries the per-token penalty with GAE and whitens its advantages "
+                "(whiten_advantages). Unset them."
+            )
         for name in ("gamma", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
