@@ -1,11 +1,12 @@
-"""The main job: off-policy GRPO with the KL in the reward, on the offline toy task, in a minute or two on a CPU.
+"""The main job: off-policy GRPO with the KL in the reward, on the offline toy task, in well under a minute on a CPU.
 
     python -m trl_kl.demo [--output_dir outputs/demo] [--max_steps 120] [--seed 0]
 
 Trains the toy addition policy (``trl_kl.toy``, built and warm-started locally, no download) with
 ``trl_kl.GRPOTrainer``: k1 in the per-token reward carried as return-to-go (NOTES §7), each rollout reused
 for ``num_iterations`` optimisation passes split over ``steps_per_generation`` steps (off-policy, eq. 39),
-clip_std on the group normalisation (eq. 41). Prints reward and KL per step, then writes
+clip_std on the group normalisation (eq. 41). Prints the KL and importance-sampling metrics per step (the
+rollout's reward on the steps that generate), then writes
 ``metrics.json`` and ``training.png`` (reward and KL over steps) into ``--output_dir``.
 """
 
@@ -26,13 +27,14 @@ PRINTED_KEYS = ("reward", "kl/seq_kl", "is/ess", "is/clip_frac")
 
 
 class _PrintAndRecord(TrainerCallback):
-    """Keeps the training logs and prints one line per step."""
+    """Keeps the training logs and prints one line per optimizer step (the rollout's ``reward`` only on the steps
+    that generate: off-policy, one rollout feeds several steps)."""
 
     def __init__(self):
         self.rows: list[dict] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "reward" in logs:
+        if logs and "loss" in logs:
             self.rows.append({"step": state.global_step, **logs})
             values = "  ".join(f"{k}={logs[k]:.4f}" for k in PRINTED_KEYS if k in logs)
             print(f"step {state.global_step:3d}  {values}", flush=True)
@@ -76,8 +78,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
+    rollouts = [r for r in rows if "reward" in r]
     fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax_r.plot(steps, [r["reward"] for r in rows], color="tab:blue")
+    ax_r.plot([r["step"] for r in rollouts], [r["reward"] for r in rollouts], color="tab:blue")
     ax_r.set(xlabel="step", ylabel="mean reward (rollout)", title="reward")
     ax_kl.plot(steps, [r.get("kl/seq_kl", float("nan")) for r in rows], color="tab:red")
     ax_kl.set(xlabel="step", ylabel="sum_t log(pi_old/pi_ref)", title="sequence KL to the reference")
