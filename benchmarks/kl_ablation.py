@@ -261,28 +261,37 @@ def exact_sequence_kl(model, ref, prompt, max_new_tokens: int, eos: int) -> tupl
     return total_kl, total_entropy
 
 
-def config_for(key: str, regime: str, seed: int, budget: Budget, output_dir: str):
-    from trl_kl import GRPOConfig
-
-    settings = dict(
-        output_dir=output_dir,
-        max_steps=budget.steps * REGIME_STEPS[regime],
-        seed=seed,
-        learning_rate=budget.learning_rate,
-        lr_scheduler_type="constant",  # drift must not be hidden by a decaying step size
-        per_device_train_batch_size=budget.batch,
-        num_generations=budget.group,
+def toy_run_settings(**settings) -> dict:
+    """GRPOConfig fields every toy benchmark run shares, updated with ``settings``: constant learning rate (drift
+    must not be hidden by a decaying step size), completions of at most 4 tokens sampled at T=1, loss_type ``dapo``
+    (TRL 1.16's default, pinned: a stock-TRL arm then differs from trl_kl's only in the KL), float32 on CPU
+    (TRL defaults to bf16 autocast: slow and lossy there), a log line every step, no checkpoints, no printing."""
+    return dict(
+        lr_scheduler_type="constant",
         max_completion_length=4,
         temperature=1.0,
-        beta=budget.beta,
-        loss_type="dapo",  # TRL 1.16's default, pinned: the trl-default row is then stock TRL, the others differ only in the KL
+        loss_type="dapo",
         logging_steps=1,
         save_strategy="no",
         report_to="none",
         use_cpu=True,
-        bf16=False,  # TRL defaults to bf16 autocast: slow and lossy on a CPU
+        bf16=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
+    ) | settings
+
+
+def config_for(key: str, regime: str, seed: int, budget: Budget, output_dir: str):
+    from trl_kl import GRPOConfig
+
+    settings = toy_run_settings(
+        output_dir=output_dir,
+        max_steps=budget.steps * REGIME_STEPS[regime],
+        seed=seed,
+        learning_rate=budget.learning_rate,
+        per_device_train_batch_size=budget.batch,
+        num_generations=budget.group,
+        beta=budget.beta,
     )
     settings.update(REGIMES[regime])
     settings.update(BY_KEY[key].overrides)
@@ -570,6 +579,12 @@ def write_table(md_path: Path, text: str, command: str) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run, for the docs: ``python benchmarks/<script>`` and its arguments."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"benchmarks/{script}", *args])
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 4 variants, on-policy, short budget")
@@ -592,8 +607,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or ("outputs/kl_ablation_quick" if args.quick else ROOT / "docs"))
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "kl_ablation.json"
-    command = "python benchmarks/kl_ablation.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
-        argv if argv is not None else sys.argv[1:]))
+    command = command_line("kl_ablation.py", argv)
 
     if args.plot_only:
         saved = json.loads(json_path.read_text())

@@ -103,28 +103,17 @@ def config_for(arm: Arm, seed: int, budget: Budget, output_dir: str):
     import trl_kl
 
     config_cls = trl.GRPOConfig if arm.stock else trl_kl.GRPOConfig
-    return config_cls(
+    return config_cls(**kl_ablation.toy_run_settings(
         output_dir=output_dir,
         max_steps=budget.calls * arm.num_iterations,
         num_iterations=arm.num_iterations,
         steps_per_generation=1,
         seed=seed,
         learning_rate=budget.learning_rate,
-        lr_scheduler_type="constant",
         per_device_train_batch_size=budget.prompts * budget.group,
         num_generations=budget.group,
-        max_completion_length=4,
-        temperature=1.0,
         beta=budget.beta,
-        loss_type="dapo",  # TRL's default; trl_kl's (dr_grpo) would change more than the KL
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,  # TRL defaults to bf16 autocast: slow and lossy on a CPU
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    ))
 
 
 def run_one(key: str, seed: int, budget: Budget, workdir: str) -> dict:
@@ -492,8 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or ("outputs/offpolicy_efficiency_quick" if args.quick else ROOT / "docs"))
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "offpolicy_efficiency.json"
-    command = "python benchmarks/offpolicy_efficiency.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
-        argv if argv is not None else sys.argv[1:]))
+    command = kl_ablation.command_line("offpolicy_efficiency.py", argv)
 
     if args.plot_only:
         saved = json.loads(json_path.read_text())
