@@ -168,7 +168,7 @@ def render(rows: list[dict], args, command: str, total_seconds: float, load: tup
         "gradients, reference without.",
         f"TRL's tiles are module constants: TOKEN_CHUNK_SIZE = {token_chunk} rows x VOCAB_CHUNK_SIZE = {vocab_chunk}",
         "columns. One chunk's logits tensor = min(N, the tile's rows) x V x 4 B: the denominator of",
-        "\"peak / chunk logits\" (the issue's target: <= 1.2).",
+        "\"peak / chunk logits\" (the target: <= 1.2).",
         f"Machine: {hardware}; torch {torch.__version__}. Whole benchmark: {total_seconds:.0f} s. Load average "
         f"(1 min) at start / end: {load[0]:.1f} / {os.getloadavg()[0]:.1f}.",
         "",
