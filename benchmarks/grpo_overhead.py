@@ -95,6 +95,7 @@ COMMON = dict(  # the batch of recipes/grpo_*.yaml: 2 prompts x 6 completions pe
     num_generations=6,
     beta=BETA,
     seed=SEED,
+    max_completion_length=4,  # the toy's; --model wide sets its own (MODELS)
     loss_type="dapo",  # TRL's default, for both (trl_kl's own default is dr_grpo)
     bf16=False,  # TRL defaults to bf16 autocast, even on CPU: time float32
     use_cpu=True,
