@@ -41,7 +41,8 @@ independent of N once N >= the tile's rows, but relative to one chunk's logits (
 CPU: above the naive computation for V = 32000. ``token_chunk_size`` / ``vocab_chunk_size`` choose the tile:
 ``_TiledDivergence`` is TRL's autograd function with the module constants set to them while its forward and its
 backward run (under a lock, restored after), so a vocabulary chunk of about V / 12 keeps the CPU working set within
-1.2 x one chunk's logits (~0.9x measured); None keeps TRL's values (fastest, and the right choice on GPU with a large vocabulary).
+1.2 x one chunk's logits (0.92x measured, and no slower on CPU); None keeps TRL's values, the right choice on a GPU
+with Triton and a large vocabulary.
 
 References: the paper is ``shared/paper`` ("Rethinking KL Divergence in RLHF", 2025): section 4's way (1), eq. 22
 (section 3.1), appendix A. "NOTES §N" is ``shared/NOTES.md``.

@@ -495,8 +495,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         inputs, logps = call.inputs, call.logps
         mask = self._loss_mask(inputs).to(logps.dtype)
         old = inputs.get("old_per_token_logps")
-        token, sequence, maxima, log_weights = {}, {}, {}, None
-        if old is not None:  # is/*: the importance ratio pi_theta / pi_old of this micro-batch
+        token, sequence, maxima, log_weights, ratio = {}, {}, {}, None, None
+        if old is not None:  # is/*: the importance ratio pi_theta / pi_old of this micro-batch (detached)
             log_ratio = logps.detach() - old
             ratio = torch.exp(log_ratio.clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
             outside = (ratio < 1 - self.epsilon_low) | (ratio > 1 + self.epsilon_high)
@@ -508,7 +508,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             kl_token, sequence = self._kl_metrics(logps.detach(), sampling, inputs["ref_per_token_logps"], mask)
             token.update(kl_token)
             if self.args.kl_placement == "loss":
-                per_token = self._kl_loss_term(call, mask)
+                per_token = self._kl_loss_term(call, mask, ratio)
                 token["kl/penalty"] = per_token
                 loss = call.beta * self._aggregate_like_trl(per_token, mask, inputs)
         self._log_metrics(mask, token, sequence, maxima, log_weights)
@@ -518,8 +518,9 @@ class GRPOTrainer(trl.GRPOTrainer):
                 self._metrics[mode][name].append(value)
         return loss
 
-    def _kl_loss_term(self, call: _LossCall, mask: torch.Tensor) -> torch.Tensor:
-        """The per-token KL loss of ``kl_placement='loss'``, ``(B, T)``, differentiable in the policy log-probs."""
+    def _kl_loss_term(self, call: _LossCall, mask: torch.Tensor, detached_ratio: torch.Tensor | None) -> torch.Tensor:
+        """The per-token KL loss of ``kl_placement='loss'``, ``(B, T)``, differentiable in the policy log-probs;
+        ``detached_ratio`` is pi_theta / pi_old off-policy (None on-policy)."""
         inputs, logps = call.inputs, call.logps
         if self.args.kl_estimator == "full":
             # Exact KL(pi(.|s_t) || pi_ref(.|s_t)) over the vocabulary at each visited state (section 4, way (1);
@@ -527,12 +528,11 @@ class GRPOTrainer(trl.GRPOTrainer):
             return chunked_full_kl(**call.full_kl_args, mask=mask.bool())
         # A detached importance ratio keeps each estimator's on-policy gradient off-policy
         # (E_old[rho grad f] = E_pi[grad f]); on-policy it is exactly 1. use_bias_correction_kl keeps its gradient.
-        old, ratio = inputs.get("old_per_token_logps"), None
+        ratio = detached_ratio
         if self.args.use_bias_correction_kl:
+            old = inputs.get("old_per_token_logps")
             sampling = logps.detach() if old is None else old
             ratio = torch.exp((logps - sampling).clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
-        elif old is not None:
-            ratio = torch.exp((logps.detach() - old).clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
         return kl.kl_loss(self.args.kl_estimator, logps, inputs["ref_per_token_logps"], self.args.k3_clip_max,
                           importance_ratio=ratio)
 
