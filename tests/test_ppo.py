@@ -79,6 +79,17 @@ def test_rollout_advantages_are_gae_of_kl_shaped_token_rewards(toy_path, tmp_pat
     torch.testing.assert_close(out["advantages"], masked_whiten(advantages, mask), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["returns"], returns, rtol=1e-5, atol=1e-5)
     assert out["advantages"].shape == mask.shape
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith(("objective/", "val/"))}
+    seq_kl = (penalty * mask).sum(1)
+    expected = {
+        "objective/scores": seen[-1].mean(),
+        "objective/kl": seq_kl.mean(),
+        "objective/rlhf_reward": (seen[-1] - 0.1 * seq_kl).mean(),
+        "val/values": (values * mask).sum() / mask.sum(),
+        "val/returns": (returns * mask).sum() / mask.sum(),
+    }
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
 
 
 def test_policy_and_value_losses_on_a_fixed_batch(toy_path, tmp_path):

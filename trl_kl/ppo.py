@@ -155,16 +155,17 @@ class PPOTrainer(GRPOTrainer):
             advantages = masked_whiten(advantages, mask)
         output["old_values"], output["returns"] = kl.masked(old_values, mask), returns
 
-        mode = "train" if self.model.training else "eval"
         finite = torch.nan_to_num(scores, nan=0.0)
         sequence_kl = kl.sequence_sum(penalty, mask) if penalty is not None else torch.zeros_like(finite)
-        for key, value in (
-            ("objective/scores", finite),
-            ("objective/kl", sequence_kl),
-            ("objective/rlhf_reward", finite - self.beta * sequence_kl),
-        ):
-            self._metrics[mode][key].append(self.accelerator.gather(value).mean().item())
-        self._log_metrics(mask, token={"val/values": old_values, "val/returns": returns})
+        self._log_metrics(
+            mask,
+            token={"val/values": old_values, "val/returns": returns},
+            sequence={
+                "objective/scores": finite,
+                "objective/kl": sequence_kl,
+                "objective/rlhf_reward": finite - self.beta * sequence_kl,
+            },
+        )
         return advantages
 
     # ---- loss: TRL's surrogate for the policy, the clipped value loss for the critic --------------------
