@@ -72,7 +72,7 @@ MODELS = {
         marker="grpo_overhead",
         title="",
         description="Toy policy (`trl_kl.toy`, 2-layer Qwen2, width 64, 75k parameters, warm-started)",
-        config=dict(max_completion_length=4),
+        config={},  # COMMON as it is
     ),
     "wide": dict(
         marker="grpo_overhead_wide",
@@ -95,7 +95,7 @@ COMMON = dict(  # the batch of recipes/grpo_*.yaml: 2 prompts x 6 completions pe
     num_generations=6,
     beta=BETA,
     seed=SEED,
-    max_completion_length=4,  # the toy's; --model wide sets its own (MODELS)
+    max_completion_length=4,  # the toy's; --model wide overrides it (MODELS)
     loss_type="dapo",  # TRL's default, for both (trl_kl's own default is dr_grpo)
     bf16=False,  # TRL defaults to bf16 autocast, even on CPU: time float32
     use_cpu=True,
@@ -415,7 +415,7 @@ def render(opts, info: dict, results: dict, forwards: dict, breakdowns: dict, se
         "",
         f"**Setup.** {model['description']}, beta = 0.04, seed 0, "
         "per_device_train_batch_size 12 (2 prompts x num_generations 6), "
-        f"max_completion_length {model['config']['max_completion_length']}, "
+        f"max_completion_length {COMMON['max_completion_length']}, "
         "**`bf16=False`** (TRL's GRPOConfig defaults to bf16 autocast even on CPU; here all float32), every "
         "other field TRL's default (loss_type `dapo`, gradient_checkpointing on, logging_steps 10, learning_rate 1e-6: "
         "small enough that both trainers sample the same rollouts, see the workload check at the end). "
