@@ -80,4 +80,5 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
 
 if __name__ == "__main__":
     parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    trainer = main(*parser.parse_args_and_config())
+    trainer.accelerator.end_training()  # frees the process group: on CPU (gloo) a rank can abort at exit without it

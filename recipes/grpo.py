@@ -65,4 +65,5 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
 
 if __name__ == "__main__":
     parser = TrlParser((GRPOScriptArguments, GRPOConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    trainer = main(*parser.parse_args_and_config())
+    trainer.accelerator.end_training()  # frees the process group: on CPU (gloo) a rank can abort at exit without it

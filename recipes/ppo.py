@@ -15,4 +15,5 @@ from trl_kl import PPOConfig, PPOTrainer
 
 if __name__ == "__main__":
     parser = TrlParser((GRPOScriptArguments, PPOConfig, ModelConfig))
-    main(*parser.parse_args_and_config(), trainer_cls=PPOTrainer)
+    trainer = main(*parser.parse_args_and_config(), trainer_cls=PPOTrainer)
+    trainer.accelerator.end_training()  # frees the process group: on CPU (gloo) a rank can abort at exit without it

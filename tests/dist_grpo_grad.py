@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
+from distributed_run import end_process  # noqa: E402
 from grpo_batch import fixed_batch, make_config, make_trainer  # noqa: E402
 
 from trl_kl.toy import toy_model_path  # noqa: E402
@@ -57,9 +58,7 @@ def main(out_dir: str, placement: str, loss_type: str):
     if rank == 0:
         torch.save({"grad": grad, "losses": losses, "world": trainer.accelerator.num_processes, "metrics": metrics},
                    tmp / f"result_{world}.pt")
-    if dist.is_initialized():  # a clean teardown: exiting with gloo's threads alive can abort a rank
-        dist.barrier()
-        dist.destroy_process_group()
+    end_process(trainer.accelerator)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import trl
 import yaml
 from datasets import Dataset
+from distributed_run import end_process, torchrun
 from peft import LoraConfig
 
 from trl_kl import DPOConfig as LazyDPOConfig
@@ -421,15 +422,13 @@ def _distributed_worker(out_dir: str):
         "ess": logged(trainer, "resample/ess"),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    end_process(trainer.accelerator)
 
 
 @pytest.mark.slow
 def test_two_processes_share_generation_and_train_on_one_window(toy_path, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, str(tmp_path)],
-        check=True, env=env, timeout=600,
-    )
+    done = lambda: all((tmp_path / f"rank{r}.json").exists() for r in (0, 1))  # noqa: E731
+    torchrun([__file__, tmp_path], tmp_path / "torchrun.log", finished=done)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and all(r["ddp"] for r in ranks)
     assert ranks[0]["window"] == ranks[1]["window"] and len(ranks[0]["window"]) > 0  # one window, gathered

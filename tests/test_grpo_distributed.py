@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_run import torchrun
 
 HERE = Path(__file__).parent
 
@@ -17,11 +18,8 @@ def test_two_processes_match_one(toy_path, tmp_path, placement, loss_type):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = str(HERE / "dist_grpo_grad.py")
     subprocess.run([sys.executable, script, str(tmp_path), placement, loss_type], check=True, env=env, timeout=600)
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         script, str(tmp_path), placement, loss_type],
-        check=True, env=env, timeout=600,
-    )
+    torchrun([script, tmp_path, placement, loss_type], tmp_path / "torchrun.log",
+             finished=(tmp_path / "result_2.pt").exists)
     one, two = torch.load(tmp_path / "result_1.pt"), torch.load(tmp_path / "result_2.pt")
     assert two["world"] == 2, "torchrun did not start two processes"
     torch.testing.assert_close(two["grad"], one["grad"], rtol=1e-5, atol=1e-5)

@@ -1,13 +1,11 @@
 """The recipes run as users launch them: torchrun with 2 processes (CPU/gloo) on the offline toy model."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from distributed_run import torchrun
 
 from trl_kl import GRPOConfig, PPOConfig
 
@@ -31,12 +29,11 @@ def test_recipe_yaml_is_a_valid_config(name, tmp_path):
 @pytest.mark.slow
 def test_grpo_recipe_under_torchrun(toy_path, tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(ROOT / "recipes" / "grpo.py"), "--config", str(ROOT / "recipes" / "grpo_offpolicy.yaml"),
-        "--output_dir", str(out), "--max_steps", "4", "--save_steps", "2", "--bf16", "false", "--use_cpu", "true",
+    args = [
+        ROOT / "recipes" / "grpo.py", "--config", ROOT / "recipes" / "grpo_offpolicy.yaml",
+        "--output_dir", out, "--max_steps", "4", "--save_steps", "2", "--bf16", "false", "--use_cpu", "true",
     ]
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, cwd=ROOT)
+    torchrun(args, tmp_path / "torchrun.log", finished=(out / "model.safetensors").exists, cwd=ROOT)
     checkpoint = out / "checkpoint-2"
     # each process saved the rollout it was still training on (4 steps per generation, checkpoint after 2)
     assert (checkpoint / "trl_kl_rollout_state_rank0.pt").exists()
