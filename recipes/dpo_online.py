@@ -21,6 +21,7 @@ from grpo import reward_function  # the GRPO recipe's: trl_kl.toy's or trl.rewar
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from trl_kl import DPOConfig, DPOTrainer, toy
+from trl_kl.compat import end_distributed
 
 
 @dataclass
@@ -81,4 +82,4 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
 if __name__ == "__main__":
     parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
     trainer = main(*parser.parse_args_and_config())
-    trainer.accelerator.end_training()  # frees the process group: on CPU (gloo) a rank can abort at exit without it
+    end_distributed(trainer)  # on CPU (gloo), without it a process can crash at exit

@@ -15,6 +15,7 @@ from datasets import load_dataset
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from trl_kl import GRPOConfig, GRPOTrainer, toy
+from trl_kl.compat import end_distributed
 
 
 @dataclass
@@ -66,4 +67,4 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
 if __name__ == "__main__":
     parser = TrlParser((GRPOScriptArguments, GRPOConfig, ModelConfig))
     trainer = main(*parser.parse_args_and_config())
-    trainer.accelerator.end_training()  # frees the process group: on CPU (gloo) a rank can abort at exit without it
+    end_distributed(trainer)  # on CPU (gloo), without it a process can crash at exit

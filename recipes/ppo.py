@@ -12,8 +12,9 @@ from grpo import GRPOScriptArguments, main
 from trl import ModelConfig, TrlParser
 
 from trl_kl import PPOConfig, PPOTrainer
+from trl_kl.compat import end_distributed
 
 if __name__ == "__main__":
     parser = TrlParser((GRPOScriptArguments, PPOConfig, ModelConfig))
     trainer = main(*parser.parse_args_and_config(), trainer_cls=PPOTrainer)
-    trainer.accelerator.end_training()  # frees the process group: on CPU (gloo) a rank can abort at exit without it
+    end_distributed(trainer)  # on CPU (gloo), without it a process can crash at exit

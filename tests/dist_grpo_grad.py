@@ -3,20 +3,23 @@
 Each process takes its slice of one fixed global batch of 8 completions, computes trl_kl's GRPO loss and its
 gradient; gradients are averaged over processes as DDP does. Rank 0 saves the averaged gradient and the is/* and
 kl* metrics of that loss call (reduced over processes by the trainer). Then every
-process trains 2 real steps (generation, rewards gathered across processes, KL in the reward) and rank 0
-saves the losses.
+process trains 2 real steps (generation, rewards gathered across processes, KL in the reward), ends with
+``trl_kl.compat.end_distributed``, and rank 0 saves the losses and whether the process group and the DDP wrapper
+were freed.
 """
 
+import gc
 import sys
+import weakref
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_run import end_process  # noqa: E402
 from grpo_batch import fixed_batch, make_config, make_trainer  # noqa: E402
 
+from trl_kl.compat import end_distributed  # noqa: E402
 from trl_kl.toy import toy_model_path  # noqa: E402
 
 GLOBAL_ROWS = 8
@@ -55,10 +58,13 @@ def main(out_dir: str, placement: str, loss_type: str):
     trainer.model.zero_grad()
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    processes, wrapper = trainer.accelerator.num_processes, weakref.ref(trainer.model_wrapped)
+    end_distributed(trainer)
+    gc.collect()
+    ended = {"group_destroyed": not dist.is_initialized(), "wrapper_freed": wrapper() is None}
     if rank == 0:
-        torch.save({"grad": grad, "losses": losses, "world": trainer.accelerator.num_processes, "metrics": metrics},
+        torch.save({"grad": grad, "losses": losses, "world": processes, "metrics": metrics, **ended},
                    tmp / f"result_{world}.pt")
-    end_process(trainer.accelerator)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,10 @@ rank in a session of its own, so hung ranks outlived the test; and a failure's o
 long pytest log. Here a hung run's ranks first get SIGABRT, on which Python's faulthandler prints
 where every thread of every process was, then everything is killed, and the error carries the end of the output.
 
-gloo's teardown on CPU is not reliable in torch 2.13. Measured here: a 2-process script that exits without
-``destroy_process_group`` died of "terminate called without an active exception" (SIGABRT) in 21 of 40 runs, with
-it in 0 of 40. But tests/dist_grpo_grad.py, whose DDP model keeps a reference to the process group, hung one rank
-in 1 of 6 runs after destroying the group and returning from ``main()`` (faulthandler: freeing its objects), and
-one CI run hung after training with a barrier before the destroy. So the scripts end with ``end_process``
-(destroy, then exit without Python's teardown: 0 hangs in 25 runs); the recipes, which users run, end as
-Accelerate documents (``accelerator.end_training()``). A run whose work is verifiably done (``finished``) and whose
-exit then fails or hangs past ``exit_grace`` seconds is reported as a warning, with the stacks, and the test goes
-on to check its results: what it checks is the work, and a hung exit costs ``exit_grace``, not ``timeout``.
+gloo's teardown on CPU is not reliable in torch 2.13 (``trl_kl.compat.end_distributed`` has the numbers); the
+scripts and recipes end with that function. Should a run whose work is verifiably done (``finished``) still fail or
+hang on its way out past ``exit_grace`` seconds, the test reports a warning, with the stacks, and goes on to check
+its results: what it checks is the work, and a hung exit costs ``exit_grace``, not ``timeout``.
 """
 
 import os
@@ -128,11 +123,3 @@ def _children(pid: int) -> list[int]:
             children.append(int(stat.parent.name))
     return children
 
-
-def end_process(accelerator) -> None:
-    """The last line of a script run by ``torchrun``: destroy the process group, then exit at once, without
-    freeing Python's objects (the module docstring says why)."""
-    accelerator.end_training()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

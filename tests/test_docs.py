@@ -92,13 +92,13 @@ def test_every_added_config_field_is_documented():
 
 
 def test_api_docs_cover_the_pure_functions():
-    """Every public function of trl_kl.kl and trl_kl.advantages has a section in api.md."""
+    """Every public function of trl_kl.kl, trl_kl.advantages and trl_kl.compat has a section in api.md."""
     import inspect
 
-    from trl_kl import advantages, kl
+    from trl_kl import advantages, compat, kl
 
     api = (DOCS / "api.md").read_text()
-    for module in (kl, advantages):
+    for module in (kl, advantages, compat):
         for name, obj in vars(module).items():
             if inspect.isfunction(obj) and obj.__module__ == module.__name__ and not name.startswith("_"):
                 assert f"### `{module.__name__}.{name}`" in api, f"{module.__name__}.{name} missing from docs/api.md"

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 import trl
 import yaml
 from datasets import Dataset
-from distributed_run import end_process, torchrun
+from distributed_run import torchrun
 from peft import LoraConfig
 
 from trl_kl import DPOConfig as LazyDPOConfig
 from trl_kl import DPOTrainer as LazyDPOTrainer
+from trl_kl.compat import end_distributed
 from trl_kl.dpo import DPOConfig, DPOTrainer, build_preference_pairs
 from trl_kl.toy import closeness_reward, correctness_reward, make_dataset
 
@@ -422,7 +423,7 @@ def _distributed_worker(out_dir: str):
         "ess": logged(trainer, "resample/ess"),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    end_process(trainer.accelerator)
+    end_distributed(trainer)
 
 
 @pytest.mark.slow
