@@ -37,8 +37,8 @@ def end_distributed(trainer) -> None:
     work is saved. Unwrapping them first lets the group go at once. Measured here, 2 CPU processes:
     ``recipes/grpo.py`` failed its exit in 1 of 20 runs with ``end_training()`` alone, in 0 of 60 with this; a
     plain script without any teardown in 21 of 40; ``tests/dist_grpo_grad.py`` hung in 1 of 6 runs with
-    ``end_training()`` alone (faulthandler: freeing the trainer after ``main()`` returned), in 0 of 30 with this. Elsewhere (GPU, one
-    process) it does what ``end_training()`` does, after the unwrapping."""
+    ``end_training()`` alone (faulthandler: freeing the trainer after ``main()`` returned), in 0 of 30 with
+    this. Elsewhere (GPU, one process) it does what ``end_training()`` does, after the unwrapping."""
     from torch.nn.parallel import DistributedDataParallel
 
     for name, value in list(vars(trainer).items()):
