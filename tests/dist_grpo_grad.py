@@ -9,6 +9,7 @@ were freed.
 """
 
 import gc
+import os
 import sys
 import weakref
 from pathlib import Path
@@ -42,8 +43,8 @@ def local_gradient(trainer, world, rank, **batch_kwargs):
 
 
 def main(out_dir: str, placement: str, loss_type: str):
-    world = int(__import__("os").environ.get("WORLD_SIZE", 1))
-    rank = int(__import__("os").environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
     tmp = Path(out_dir)
     estimator = "k1" if placement == "reward" else "k2"
     args = make_config(
