@@ -137,7 +137,8 @@ def _onpolicy_findings(rows: Sequence[eg.BiasRow], V: int, T: int, seeds: Sequen
   of k3_clip use the clamped coefficient 1 − min(r, 10) (−9 at r = 20: the under-weighted token is
   pushed *up*), so `loss/k3_clip` equals `reward/k3_clip/token`. The literal derivative of the clamped
   value min(r, 10) − 1 − log r would be +1 · grad log pi beyond the clip, pushing such a token further
-  *down*; `kl.k3_clip` therefore keeps the value and takes the clamped coefficient as its gradient.
+  *down*; `kl.k3_clip` therefore keeps the value and takes the clamped coefficient as its gradient. `kl.k3`
+  does the same at its own exponent clamp (|log r| > 20): 1 − e^20, not +1.
 
 """
 
@@ -271,7 +272,8 @@ def _offpolicy_findings(t: Tables) -> str:
   the update. They apply to the KL term alone: the reward's advantage belongs to the whole sequence and
   needs the whole weight.
 * **GSPO (`importance_sampling_level="sequence"`) broadcasts one ratio onto the tokens**, and its gradient
-  (1/|y|) ∇log pi(y): the `token` scope becomes ∇KL/T (`×{1 / T:.3g}`), the `return_to_go` scope is biased even
+  (1/|y|) ∇log pi(y): the `token` scope becomes ∇KL/T (`×{1 / T:.3g}`; 1/|y| per completion, so not even a
+  constant when lengths differ), the `return_to_go` scope is biased even
   on-policy ({_err(gspo_rtg, "on_policy")}), only the `sequence` scope is exact (on-policy and for an engine
   mismatch).
 * **The per-state forms** (k2 or the exact per-state KL as a loss, k1 in the reward per token, k3 × ratio with
