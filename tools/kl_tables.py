@@ -32,7 +32,8 @@ class Tables:
     """Everything the two docs print, computed once (``compute``)."""
 
     onpolicy: list[eg.BiasRow]
-    scenarios: str
+    onpolicy_token_wide: tuple[float, ...]  # reward/k1/token's error over seeds 0-29
+    scenarios: dict[str, list[eg.ScenarioStats]]
     kl_rows: list[eg.OffPolicyRow]
     truncation: list[eg.OffPolicyRow]
     reward: list[eg.OffPolicyRow]
@@ -44,7 +45,8 @@ def compute() -> Tables:
     """The tables of both docs (V=3, T=3, seeds 0-4; appendix D: 20 seeds of 10,000 samples)."""
     return Tables(
         onpolicy=eg.gradient_bias_table(V, T, SEEDS, scale=SCALE),
-        scenarios=eg.format_scenarios(seeds=SEEDS, V=V, T=T),
+        onpolicy_token_wide=eg.gradient_bias_table(V, T, range(30), [eg.variant("reward/k1/token")], SCALE)[0].rel_err,
+        scenarios=eg.all_scenario_stats(seeds=SEEDS, V=V, T=T),
         kl_rows=eg.offpolicy_table(eg.KL_FORMS, seeds=SEEDS, V=V, T=T),
         truncation=eg.offpolicy_table(eg.TRUNCATION_FORMS, seeds=SEEDS, V=V, T=T),
         reward=eg.offpolicy_table(eg.REWARD_FORMS, seeds=SEEDS, V=V, T=T),
@@ -80,7 +82,7 @@ Extra rows: `reward/k3_value` puts the k3 *value* r − 1 − log r in the rewar
 """
 
 
-def _onpolicy_findings(rows: Sequence[eg.BiasRow], V: int, T: int, seeds: Sequence[int], scale: float) -> str:
+def _onpolicy_findings(rows: Sequence[eg.BiasRow], wide: Sequence[float], seeds: Sequence[int]) -> str:
     by = {r.variant.name: r for r in rows}
 
     def m(name: str) -> float:
@@ -93,8 +95,7 @@ def _onpolicy_findings(rows: Sequence[eg.BiasRow], V: int, T: int, seeds: Sequen
     def var(name: str) -> float:
         return statistics.fmean(by[name].variance)
 
-    wide = eg.gradient_bias_table(V, T, range(30), [eg.variant("reward/k1/token")], scale)[0].rel_err
-    clipped = [s for s in seeds if eg.max_ref_ratio(eg.make_tabular(V, T, s, scale)) > kl.DEFAULT_K3_CLIP_MAX]
+    clipped = [s for s in seeds if eg.max_ref_ratio(eg.make_tabular(V, T, s, SCALE)) > kl.DEFAULT_K3_CLIP_MAX]
     return f"""
 ### What the on-policy table shows
 
@@ -233,8 +234,7 @@ def _offpolicy_findings(t: Tables) -> str:
     truncated = _row(tr, correction="sequence_truncate", cap=3.0)
     uncapped = _row(tr, correction="sequence_mask")
     reward_token = _row(rw, term="reward", scale="none", correction="sequence_mask")
-    stats = {s: [eg.scenario_stats(eg.make_setup(V, T, i, s)) for i in SEEDS] for s in ("engine_top_p", "stale_engine",
-                                                                                          "engine_far", "stale")}
+    stats = t.scenarios
 
     def mean(s: str, field: str) -> float:
         return statistics.fmean(getattr(x, field) for x in stats[s])
@@ -329,7 +329,7 @@ def gradient_doc(t: Tables) -> str:
     off-policy scenarios, tables and findings."""
     off = OFFPOLICY_INTRO.format(
         G=eg.DEFAULT_GROUP_SIZE,
-        scenarios=t.scenarios,
+        scenarios=eg.format_scenarios(t.scenarios),
         kl_table=eg.format_offpolicy_table(t.kl_rows),
         truncation_table=eg.format_offpolicy_table(t.truncation, "engine_far"),
         reward_table=eg.format_offpolicy_table(t.reward),
@@ -338,7 +338,7 @@ def gradient_doc(t: Tables) -> str:
         GRADIENT_DOC_INTRO
         + "\n"
         + eg.format_gradient_table(t.onpolicy, V, T)
-        + _onpolicy_findings(t.onpolicy, V, T, SEEDS, SCALE)
+        + _onpolicy_findings(t.onpolicy, t.onpolicy_token_wide, SEEDS)
         + off
         + _offpolicy_findings(t)
     )

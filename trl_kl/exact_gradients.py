@@ -882,18 +882,24 @@ def scenario_stats(setup: SamplerSetup) -> ScenarioStats:
         )
 
 
-def format_scenarios(scenarios: Sequence[str] = OFFPOLICY_SCENARIOS, seeds: Iterable[int] = range(5),
-                     V: int = 3, T: int = 3) -> str:
-    """Markdown table of the scenarios: description and ``ScenarioStats`` means over seeds."""
+def all_scenario_stats(
+    scenarios: Sequence[str] = OFFPOLICY_SCENARIOS, seeds: Iterable[int] = range(5), V: int = 3, T: int = 3
+) -> dict[str, list[ScenarioStats]]:
+    """``scenario_stats`` of every instance: ``{scenario: [stats of each seed]}``."""
     seeds = list(seeds)
+    return {name: [scenario_stats(make_setup(V, T, s, name)) for s in seeds] for name in scenarios}
+
+
+def format_scenarios(stats: dict[str, list[ScenarioStats]]) -> str:
+    """Markdown table of the scenarios: description and ``ScenarioStats`` means over seeds
+    (``all_scenario_stats``)."""
     head = (
         "| scenario | what differs | π_θ mass outside q | mean \\|log π_old − log q\\| | ESS π_θ(y)/q(y) | "
         "ESS per-decision | q-mass masked by TRL's default (seq. ratio > 3) | tokens outside PPO clip 0.2 |\n"
         "|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
-    for name in scenarios:
-        st = [scenario_stats(make_setup(V, T, s, name)) for s in seeds]
+    for name, st in stats.items():
         m = {k: statistics.fmean(getattr(x, k) for x in st) for k in ScenarioStats.__dataclass_fields__}
         lines.append(
             f"| {name} | {SCENARIOS[name].description} | {m['missing']:.3f} | {m['logp_difference']:.3f} | "

@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "Columns: pi_theta's mass q never samples; mean |log pi_old - log q| per token; ESS = "
                        "(E_q w)^2 / E_q w^2 of the weights to pi_theta,\nper sequence and per decision (prefix); the "
                        "q-mass TRL's default correction masks; the tokens outside the PPO clip.",
-                       eg.format_scenarios(seeds=seeds, V=args.V, T=args.T),
+                       eg.format_scenarios(eg.all_scenario_stats(seeds=seeds, V=args.V, T=args.T)),
                        "Conclusion: the truncated engine loses mass no weight can restore although its ESS is ~1; "
                        "engine_far is where a cap of 3 binds."))
         kl_rows = eg.offpolicy_table(eg.KL_FORMS, seeds=seeds, V=args.V, T=args.T)
