@@ -1,6 +1,6 @@
 """Unit tests for trl_kl.kl: estimator values, gradients, numerics, placements and the soundness table.
 
-Every expected number is a closed form (NOTES §1-§2, §7) or written out by hand; nothing checks only
+Every expected number is a closed form (docs/theory.md#estimators, #placement, #sequence-kl) or written out by hand; nothing checks only
 that a call "ran".
 """
 
@@ -88,7 +88,7 @@ def test_log_ratio_convention():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Gradients against NOTES §1
+# Gradients against the closed forms (docs/theory.md#estimators)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -131,6 +131,36 @@ def test_grad_k3_clip():
     torch.testing.assert_close(grad, t64(1 - 2.0, 1 - 0.4), rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grad_k3_beyond_the_exp_clamp_keeps_its_sign(dtype):
+    """Beyond the +-LOG_RATIO_BOUND clamp k3's gradient is (1 - r_c) grad log pi with r_c = exp(clamp(log r)),
+    as k3_clip's is at its clamp. At log pi - log pi_ref = -30 (pi << pi_ref, log r = 30) that is 1 - e^20:
+    push the under-weighted token *up*. (The literal derivative of the clamped value is +1 there.) At +30
+    (log r = -30) it is 1 - e^-20. The value keeps its exact linear term."""
+    logps = torch.tensor([-30.0, 0.0, -1.0], dtype=dtype)
+    ref = torch.tensor([0.0, -30.0, -1.5], dtype=dtype)  # log r = 30, -30, -0.5 (inside the clamp)
+    grad = _grad(kl.k3, logps, ref)
+    expected = torch.tensor([-math.expm1(20.0), -math.expm1(-20.0), -math.expm1(-0.5)], dtype=torch.float64)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+    assert grad[0] < -1e8  # the sign the true coefficient 1 - e^30 has
+    value = kl.k3(logps, ref).double()
+    torch.testing.assert_close(value, torch.tensor([math.expm1(20.0) - 30.0, math.expm1(-20.0) + 30.0,
+                                                    math.expm1(-0.5) + 0.5], dtype=torch.float64),
+                               rtol=1e-6 if dtype == torch.float32 else 1e-15, atol=0)
+    # In every placement the same coefficient: the loss's gradient equals the eq. 35 reward penalty (k3 moved into
+    # the reward, clamped the same way), so no form of k3 flips sign beyond the clamp.
+    penalty = kl.reward_penalty("k3", logps, ref).double()
+    torch.testing.assert_close(_grad(lambda a, b: kl.kl_loss("k3", a, b), logps, ref).double(), penalty,
+                               rtol=1e-6, atol=0)
+    # With the importance ratio carrying its gradient (use_bias_correction_kl): grad(rho k3) = rho (k3 + 1 - r_c)
+    # grad log pi = -log r grad log pi at rho = 1, k1's coefficient, beyond the clamp too (float64: the two
+    # e^20 terms cancel).
+    if dtype == torch.float64:
+        lp = logps.clone().requires_grad_(True)
+        kl.kl_loss("k3", lp, ref, importance_ratio=torch.exp(lp - lp.detach())).sum().backward()
+        torch.testing.assert_close(lp.grad, logps - ref, rtol=0, atol=1e-6)
+
+
 def _on_policy_loss_grad(estimator, theta, ref_logp):
     """E_{a ~ pi}[grad_theta k(a)] exactly: sum over the vocabulary with pi(a) detached (the expectation of
     the 'KL as a loss' gradient when tokens are sampled from the current policy)."""
@@ -142,7 +172,7 @@ def _on_policy_loss_grad(estimator, theta, ref_logp):
 
 
 def test_loss_gradients_match_notes_table():
-    """NOTES §1 last column, exactly on a tabular policy: E[grad k1] = 0, E[grad k2] = grad KL(pi||ref),
+    """The estimators table's last column (docs/theory.md#estimators), exactly on a tabular policy: E[grad k1] = 0, E[grad k2] = grad KL(pi||ref),
     E[grad k3] = grad KL(ref||pi)."""
     g = torch.Generator().manual_seed(2)
     theta = torch.randn(6, generator=g, dtype=torch.float64)
@@ -369,7 +399,7 @@ def test_reward_penalty_rejects(bad):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Scopes: return_to_go, sequence_sum, scoped_penalty, kl_shaped_advantages (NOTES §7)
+# Scopes: return_to_go, sequence_sum, scoped_penalty, kl_shaped_advantages (docs/theory.md#sequence-kl)
 # ---------------------------------------------------------------------------------------------------
 
 # B = 2, T = 4; row 1 is right-padded (two completion tokens).
@@ -467,7 +497,7 @@ def test_kl_loss_without_ratio_is_estimate(loss_inputs, estimator):
 def _closed_form_grad(estimator, logps, ref):
     r = torch.exp(ref - logps)
     return {"k1": torch.ones_like(logps), "k2": logps - ref, "k3": 1 - r,
-            "k3_clip": torch.where(r < kl.DEFAULT_K3_CLIP_MAX, 1 - r, torch.ones_like(r))}[estimator]
+            "k3_clip": 1 - r.clamp(max=kl.DEFAULT_K3_CLIP_MAX)}[estimator]
 
 
 @pytest.mark.parametrize("estimator", SAMPLED)
@@ -504,7 +534,7 @@ def test_kl_loss_unknown_raises():
 
 
 # ---------------------------------------------------------------------------------------------------
-# validate_kl and the SOUNDNESS table (NOTES §2)
+# validate_kl and the SOUNDNESS table (docs/theory.md#placement)
 # ---------------------------------------------------------------------------------------------------
 
 

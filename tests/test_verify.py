@@ -1,4 +1,5 @@
-"""Tests for trl_kl.verify: the exact-gradient facts of NOTES §7 and the appendix D reproduction (§6).
+"""The on-policy exact-gradient facts (trl_kl.exact_gradients, docs/theory.md#sequence-kl), the appendix D
+reproduction (trl_kl.estimator_bias, docs/theory.md#appendix-d) and the ``python -m trl_kl.verify`` command.
 
 Every assertion compares against an exact enumeration, a finite difference, a closed form or the
 paper's printed numbers, so each can fail. Instances are fixed (seeded ``torch.Generator``): the
@@ -11,12 +12,15 @@ import functools
 import itertools
 import math
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from trl_kl import kl
-from trl_kl import verify as vf
+from trl_kl import estimator_bias as eb
+from trl_kl import exact_gradients as vf
+from trl_kl import kl, verify
 
 TABLE_SEEDS = (0, 1, 2, 3, 4)  # the seeds of docs/kl_gradient_bias.md
 PER_TOKEN_FORMS = ("reward/k1/token", "loss/k2", "loss/full", "loss/k3_ratio_grad")
@@ -24,7 +28,7 @@ PER_TOKEN_FORMS = ("reward/k1/token", "loss/k2", "loss/full", "loss/k3_ratio_gra
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    # tiny tensors: torch's intra-op thread pool only costs time here (see vf.single_thread)
+    # tiny tensors: torch's intra-op thread pool only costs time here (see exact_gradients.single_thread)
     with vf.single_thread():
         yield
 
@@ -108,7 +112,7 @@ def test_exact_kl_gradient_matches_finite_differences():
 
 
 # ---------------------------------------------------------------------------------------------------
-# NOTES §7: which placement gives the sequence-KL gradient
+# Which placement gives the sequence-KL gradient (docs/theory.md#sequence-kl)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -170,7 +174,7 @@ def test_per_token_forms_are_biased_and_agree(V, T, seed):
 
 
 def test_per_token_bias_at_v3_t3_measured_values():
-    """The numbers quoted in docs/kl_gradient_bias.md (NOTES §7 says 1.5-2 for its instances)."""
+    """The numbers quoted in docs/kl_gradient_bias.md."""
     errs = [rel(3, 3, s, "reward/k1/token") for s in TABLE_SEEDS]
     assert errs == pytest.approx([1.491, 0.535, 0.743, 0.487, 0.802], abs=2e-3)
     k3 = [rel(3, 3, s, "loss/k3") for s in TABLE_SEEDS]
@@ -190,8 +194,8 @@ def test_k3_as_loss_equals_k3_moved_into_reward(V, T, seed):
 def test_k3_times_ratio_with_gradient_is_k1_in_reward_token_scope(V, T, seed):
     """grad(rho k3) = (k3 + 1 - r) grad log pi = -log r grad log pi at rho = 1: equal sample by sample."""
     pol = policy(V, T, seed)
-    a = vf.per_sample_gradients(pol, vf.variant("loss/k3_ratio_grad"))
-    b = vf.per_sample_gradients(pol, vf.variant("reward/k1/token"))
+    a = vf.variant_gradients(pol, vf.variant("loss/k3_ratio_grad"))
+    b = vf.variant_gradients(pol, vf.variant("reward/k1/token"))
     assert float((a - b).abs().max()) < 1e-10
     assert float(b.abs().max()) > 0.1
 
@@ -237,31 +241,31 @@ def test_gradient_bias_table_rows_and_verdicts():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Appendix D (NOTES §6)
+# Appendix D (docs/theory.md#appendix-d)
 # ---------------------------------------------------------------------------------------------------
 
 KL_TRUE = math.log(1 / 0.2) + (0.2**2 + 0.1**2) / 2 - 0.5
 
 
 @functools.lru_cache(maxsize=None)
-def appendix_d(n: int, n_seeds: int) -> dict[str, vf.EstimatorRow]:
-    return {r.estimator: r for r in vf.appendix_d_table(n, range(n_seeds))}
+def appendix_d(n: int, n_seeds: int) -> dict[str, eb.EstimatorRow]:
+    return {r.estimator: r for r in eb.appendix_d_table(n, range(n_seeds))}
 
 
 def test_true_kl_closed_form():
-    assert vf.appendix_d_true_kl() == pytest.approx(KL_TRUE, abs=1e-12)
-    assert round(vf.appendix_d_true_kl(), 4) == 1.1344
+    assert eb.appendix_d_true_kl() == pytest.approx(KL_TRUE, abs=1e-12)
+    assert round(eb.appendix_d_true_kl(), 4) == 1.1344
 
 
 def test_population_values_closed_form():
-    pop = vf.appendix_d_population()
+    pop = eb.appendix_d_population()
     # -log r = 1.6144 + 0.02 z - 0.48 z^2 with z ~ N(0, 1): Var = 0.02^2 + 2 * 0.48^2
     var_k1 = 0.02**2 + 2 * 0.48**2
     assert pop["k1"][0] == pytest.approx(0.0, abs=1e-8)
     assert pop["k1"][1] == pytest.approx(math.sqrt(var_k1) / KL_TRUE, abs=1e-7)
     assert pop["k2"][0] == pytest.approx(((var_k1 + KL_TRUE**2) / 2 - KL_TRUE) / KL_TRUE, abs=1e-7)
     assert pop["k3"][0] == pytest.approx(0.0, abs=1e-8) and math.isinf(pop["k3"][1])
-    assert vf.appendix_d_population(clamped_k3=True)["k3"][0] < -0.1  # kl.k3's exp clamp, in the population
+    assert eb.appendix_d_population(clamped_k3=True)["k3"][0] < -0.1  # kl.k3's exp clamp, in the population
     assert pop["k3_clip"][0] < -0.4
 
 
@@ -271,14 +275,14 @@ def test_appendix_d_k1_k2_k3_clip_match_the_paper():
     a low draw of a population 0.5087)."""
     rows = appendix_d(10_000, 20)
     for name in ("k1", "k2", "k3_clip"):
-        bias, std = vf.APPENDIX_D_PAPER[name]
+        bias, std = eb.APPENDIX_D_PAPER[name]
         assert rows[name].bias_mean == pytest.approx(bias, abs=0.03), name
         assert rows[name].std_median == pytest.approx(std, rel=0.15 if name == "k2" else 0.05), name
         assert min(rows[name].std) <= std * 1.05 and max(rows[name].std) >= std * 0.95, name
     # k1 is unbiased: the 20-seed mean is within 4 standard errors of 0 (std from the closed form)
     se = math.sqrt(0.02**2 + 2 * 0.48**2) / KL_TRUE / math.sqrt(20 * 10_000)
     assert abs(rows["k1"].bias_mean) < 4 * se
-    pop = vf.appendix_d_population()
+    pop = eb.appendix_d_population()
     assert rows["k2"].bias_mean == pytest.approx(pop["k2"][0], abs=0.01)
     assert rows["k3_clip"].bias_mean == pytest.approx(pop["k3_clip"][0], abs=0.01)
 
@@ -287,26 +291,37 @@ def test_appendix_d_k3_typical_bias_is_clearly_negative():
     k3 = appendix_d(10_000, 20)["k3"]
     assert k3.bias_median < -0.25
     assert k3.frac_bias_below(-0.3) >= 0.5
-    assert min(k3.bias) <= vf.APPENDIX_D_PAPER["k3"][0] <= max(k3.bias)  # the paper's -0.4051 is one such draw
+    assert min(k3.bias) <= eb.APPENDIX_D_PAPER["k3"][0] <= max(k3.bias)  # the paper's -0.4051 is one such draw
     assert k3.bias_mean > k3.bias_median  # the rare tail hits pull the mean up, not the median
-    assert k3.bias_median == pytest.approx(vf.appendix_d_reach(10_000), abs=0.05)
+    assert k3.bias_median == pytest.approx(eb.appendix_d_reach(10_000), abs=0.05)
 
 
 def test_appendix_d_k3_at_a_million_samples_still_biased():
     big = appendix_d(1_000_000, 3)["k3"]
     assert all(-0.4 < b < -0.1 for b in big.bias)
-    assert big.bias_median == pytest.approx(vf.appendix_d_reach(1_000_000), abs=0.05)
+    assert big.bias_median == pytest.approx(eb.appendix_d_reach(1_000_000), abs=0.05)
     assert big.bias_median > appendix_d(10_000, 20)["k3"].bias_median  # shrinks, slowly
 
 
-def test_cli_prints_and_writes_docs(tmp_path, capsys):
-    argv = ["--all", "--write-docs", "--docs-dir", str(tmp_path), "--seeds", "1", "--estimator-seeds", "2"]
-    assert vf.main(argv) == 0
+def test_cli_prints_titled_tables_with_legend_and_conclusion(capsys):
+    argv = ["--all", "--seeds", "1", "--estimator-seeds", "2"]
+    assert verify.main(argv) == 0
     out = capsys.readouterr().out
+    assert "== Exact gradients on-policy: V=3, T=3, 1 seeds ==" in out
     assert "| reward | k1 | return_to_go | sound | exact |" in out
+    assert "Conclusion: exact for the sequence KL: reward/k1/return_to_go, reward/k1/sequence;" in out
+    assert "== Exact gradients off-policy: V=3, T=3, G=3, 1 seeds: KL forms" in out
+    assert "| reward/k1/return_to_go | sequence_product | sequence_mask | current | exact | exact | exact |" in out
+    assert "Conclusion: exact under stale rollouts and an engine mismatch: reward/k1/return_to_go " in out
     assert "| k3_clip | -0.4676 |" in out
-    grad_doc = (tmp_path / "kl_gradient_bias.md").read_text()
-    est_doc = (tmp_path / "kl_estimators.md").read_text()
-    assert "python -m trl_kl.verify --write-docs" in grad_doc
-    assert "| loss | k1 | - | unsound | zero gradient |" in grad_doc
-    assert "1.1344" in est_doc and "python -m trl_kl.verify --estimators --write-docs" in est_doc
+    sections = out.count("\n== ")
+    assert sections == 7 and out.count("\nColumns:") == sections and out.count("\nConclusion:") == sections
+
+
+def test_default_command_as_documented():
+    """`python -m trl_kl.verify`, exactly as README.md and docs/index.md show it."""
+    out = subprocess.run([sys.executable, "-m", "trl_kl.verify"], capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    assert out.startswith("\n== Exact gradients on-policy: V=3, T=3, 5 seeds ==\nColumns:")
+    assert "| loss | k1 | - | unsound | zero gradient | 1.000 [1.000, 1.000] |" in out
+    assert out.rstrip().splitlines()[-1].startswith("Conclusion: exact for the sequence KL:")

@@ -1,8 +1,8 @@
 """trl_kl: TRL trainers that put the KL penalty of RLHF where the theory says it belongs.
 
 ``from trl_kl import GRPOConfig, GRPOTrainer`` is the one-import swap for ``from trl import ...``. The
-trainers are imported lazily, so the pure math (``trl_kl.kl``, ``trl_kl.advantages``, ``trl_kl.verify``)
-loads without TRL.
+trainers are imported lazily, so the pure math (``trl_kl.kl``, ``trl_kl.advantages``, ``trl_kl.importance``,
+``trl_kl.verify``) loads without TRL.
 """
 
 import importlib

@@ -12,8 +12,9 @@ Every estimator is computed in float32 (or float64 when given float64), whatever
 so bf16 log-probabilities never feed ``exp``. ``exp`` only ever sees log-ratios clamped to
 ``[-LOG_RATIO_BOUND, LOG_RATIO_BOUND]``: with |log r| up to 50 nothing is inf or NaN.
 
-References: the paper is ``shared/paper`` ("Rethinking KL Divergence in RLHF", 2025), its equations
-are quoted as "eq. N"; "NOTES §N" is ``shared/NOTES.md``.
+References: "the paper" is Liu, Liu & Liu (2025), "Rethinking KL Divergence in RLHF: From Single Sample to
+Mini-Batch to Expectation" (docs/theory.md#references); its equations are quoted as "eq. N". The theory
+each function implements is in ``docs/theory.md``, cited by section anchor.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def log_ratio(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """log r = log pi_ref - log pi (NOTES §1), in float32 (float64 kept)."""
+    """log r = log pi_ref - log pi (docs/theory.md#estimators), in float32 (float64 kept)."""
     return _as_float(ref_logps) - _as_float(logps)
 
 
@@ -52,12 +53,12 @@ def clamped_log_ratio(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------------
-# The estimators (NOTES §1, the paper's section 2 and appendix D)
+# The estimators (docs/theory.md#estimators, the paper's section 2 and appendix D)
 # ---------------------------------------------------------------------------------------------------
 
 
 def k1(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """k1 = -log r = log pi - log pi_ref. Unbiased for KL(pi || pi_ref) (NOTES §1)."""
+    """k1 = -log r = log pi - log pi_ref. Unbiased for KL(pi || pi_ref) (docs/theory.md#estimators)."""
     return -log_ratio(logps, ref_logps)
 
 
@@ -67,12 +68,29 @@ def k2(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return 0.5 * log_ratio(logps, ref_logps) ** 2
 
 
+def _value_with_score_gradient(value: torch.Tensor, coefficient: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward pass, ``coefficient * grad log pi`` in the backward pass (w.r.t. ``logps``
+    only). This is how k3 and k3_clip keep their gradient coefficient bounded *and* of the right sign where
+    the exponent is clamped: the literal derivative of a clamped ``exp`` is 0 there, which would leave only
+    the linear term's ``+1`` (push pi down where pi << pi_ref, the wrong way)."""
+    if not logps.requires_grad:
+        return value
+    score = _as_float(logps) - _as_float(logps).detach()  # 0 in value, grad log pi in gradient
+    return value.detach() + coefficient.detach() * score
+
+
 def k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """k3 = r - 1 - log r (Schulman's estimator, NOTES §1). Unbiased value, but its gradient
+    """k3 = r - 1 - log r (Schulman's estimator, docs/theory.md#estimators). Unbiased value, but its gradient
     (1 - r) grad log pi is that of KL(pi_ref || pi), and r explodes when pi << pi_ref (Fig. 1).
-    Only the exponentiated log-ratio is clamped (to +-LOG_RATIO_BOUND); the linear term stays exact."""
+
+    Only the exponentiated log-ratio is clamped (to +-LOG_RATIO_BOUND); the linear term of the value stays
+    exact. The gradient is ``(1 - r_c) grad log pi`` with ``r_c = exp(clamp(log r))``: beyond the clamp it
+    keeps the sign and the bounded size of k3's coefficient (1 - e^20 at log r = 30, not the +1 that the
+    literal derivative of the clamped value would give), as ``k3_clip`` does at its own clamp. The gradient
+    flows to ``logps`` only (the reference is frozen)."""
     lr = log_ratio(logps, ref_logps)
-    return torch.expm1(lr.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)) - lr
+    ratio_m1 = torch.expm1(lr.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+    return _value_with_score_gradient(ratio_m1 - lr, -ratio_m1, logps)
 
 
 def k3_clip(logps: torch.Tensor, ref_logps: torch.Tensor, max_ratio: float = DEFAULT_K3_CLIP_MAX) -> torch.Tensor:
@@ -87,11 +105,7 @@ def k3_clip(logps: torch.Tensor, ref_logps: torch.Tensor, max_ratio: float = DEF
         raise ValueError(f"k3_clip max_ratio must be > 1 (a clamp on pi_ref/pi), got {max_ratio}.")
     lr = log_ratio(logps, ref_logps)
     clipped_ratio_m1 = torch.expm1(lr.clamp(-LOG_RATIO_BOUND, min(LOG_RATIO_BOUND, math.log(max_ratio))))
-    value = clipped_ratio_m1 - lr
-    if not logps.requires_grad:
-        return value
-    score = _as_float(logps) - _as_float(logps).detach()  # 0 in value, grad log pi in gradient
-    return value.detach() - clipped_ratio_m1.detach() * score
+    return _value_with_score_gradient(clipped_ratio_m1 - lr, -clipped_ratio_m1, logps)
 
 
 def estimate(
@@ -163,18 +177,18 @@ def masked(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def return_to_go(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Reverse cumulative sum inside each sequence's mask: out[b, t] = sum_{t' >= t} x[b, t'] mask[b, t'],
-    zero on masked positions (NOTES §7: each token must carry the KL of the rest of the sequence, PPO's
+    zero on masked positions (docs/theory.md#sequence-kl: each token must carry the KL of the rest of the sequence, PPO's
     return with gamma = 1). ``(B, T) -> (B, T)``."""
     return masked(masked(per_token, mask).flip(-1).cumsum(-1).flip(-1), mask)
 
 
 def sequence_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over each sequence's mask, ``(B, T) -> (B,)``: the sequence-level KL estimate (NOTES §7)."""
+    """Sum over each sequence's mask, ``(B, T) -> (B,)``: the sequence-level KL estimate (docs/theory.md#sequence-kl)."""
     return masked(per_token, mask).sum(-1)
 
 
 def scoped_penalty(penalty: torch.Tensor, mask: torch.Tensor, scope: str) -> torch.Tensor:
-    """What each token carries of the per-token penalty, ``(B, T)``, by ``kl_reward_scope`` (NOTES §7):
+    """What each token carries of the per-token penalty, ``(B, T)``, by ``kl_reward_scope`` (docs/theory.md#sequence-kl):
 
     * ``token``: its own penalty (eq. 39 literally; exact only when each token is its own episode);
     * ``return_to_go``: the penalties from this token to the end (the exact gradient of sequence KL);
@@ -235,7 +249,7 @@ def adaptive_kl_coef(beta: float, observed_kl: float, target: float, horizon: fl
 
 
 # ---------------------------------------------------------------------------------------------------
-# Which (estimator, placement) combinations are sound (NOTES §2, the paper's section 1 table)
+# Which (estimator, placement) combinations are sound (docs/theory.md#placement, the paper's section 1 table)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -249,7 +263,7 @@ SOUNDNESS: dict[tuple[str, str], Soundness] = {
     ("k1", "reward"): Soundness(
         "sound",
         "k1 in the reward, log(pi_old/pi_ref) (eq. 20), is PPO's reward and gives the KL gradient; of whole "
-        "sequences with kl_reward_scope 'return_to_go' or 'sequence', per token only with 'token' (NOTES §7).",
+        "sequences with kl_reward_scope 'return_to_go' or 'sequence', per token only with 'token' (docs/theory.md#sequence-kl).",
     ),
     ("k1", "loss"): Soundness(
         "unsound",
@@ -264,7 +278,7 @@ SOUNDNESS: dict[tuple[str, str], Soundness] = {
     ("k2", "loss"): Soundness(
         "sound",
         "k2 as a loss has the same gradient as k1 in the reward on-policy (eq. 14, 61): the per-state KL "
-        "gradient, not that of whole-sequence KL (NOTES §7).",
+        "gradient, not that of whole-sequence KL (docs/theory.md#sequence-kl).",
     ),
     ("k3", "reward"): Soundness(
         "biased",
@@ -289,7 +303,7 @@ SOUNDNESS: dict[tuple[str, str], Soundness] = {
     ("full", "loss"): Soundness(
         "sound",
         "the exact per-state KL over the vocabulary as a loss gives the exact per-state KL gradient "
-        "(section 4, way 1), not that of whole-sequence KL (NOTES §7).",
+        "(section 4, way 1), not that of whole-sequence KL (docs/theory.md#sequence-kl).",
     ),
     ("full", "reward"): Soundness(
         "unsound",
