@@ -1,5 +1,6 @@
 """trl_kl.PPOTrainer: per-token rewards, GAE, policy and value losses against hand computations."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -132,8 +133,6 @@ BAD = [
     (dict(num_generations=0), "num_generations must be"),
     (dict(kl_estimator="k1", kl_placement="loss"), "zero expected gradient"),
     (dict(per_device_train_batch_size=1), "per_device_train_batch_size >= 2"),
-    (dict(kl_reward_scope="token"), "PPO carries the per-token penalty with GAE"),
-    (dict(clip_std_min=0.1), "PPO carries the per-token penalty with GAE"),
 ]
 
 
@@ -141,6 +140,17 @@ BAD = [
 def test_invalid_ppo_config(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         ppo_config(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("name", ["kl_reward_scope", "clip_std_min", "clip_std_max"])
+def test_ppo_config_has_no_grpo_baseline_fields(tmp_path, name):
+    """GRPO's group-baseline fields are not PPOConfig's: PPO carries the penalty with GAE and whitens."""
+    from trl_kl import GRPOConfig
+
+    assert name in {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert name not in {f.name for f in dataclasses.fields(PPOConfig)}
+    with pytest.raises(TypeError, match=name):
+        ppo_config(tmp_path, **{name: 0.1})
 
 
 def test_num_generations_one_is_the_default(tmp_path):
