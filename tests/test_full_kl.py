@@ -1,5 +1,5 @@
-"""trl_kl.full_kl: exact per-state KL over the vocabulary (paper section 4, way (1); docs/theory.md#full-kl), a wrapper over
-TRL 1.16's ``ChunkedDivergenceFunction``.
+"""trl_kl.full_kl: exact per-state KL over the vocabulary (paper section 4, way (1); docs/theory.md#full-kl), a
+wrapper over TRL 1.16's ``ChunkedDivergenceFunction``.
 
 Checked against the naive ``trl_kl.kl.full_kl`` on materialised logits (value and gradient), on extreme logits, with
 masks (padding never read), for the reference getting no gradient, and for the memory bound itself with TRL's tile

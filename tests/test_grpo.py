@@ -67,7 +67,8 @@ def test_sequence_scope_adds_the_summed_penalty_after_group_normalisation(toy_pa
     args = make_config(tmp_path, kl_reward_scope="sequence", beta=0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = GRPOTrainer(model=toy_path, reward_funcs=[constant_reward], args=args, train_dataset=make_dataset(8, 0))
+        trainer = GRPOTrainer(model=toy_path, reward_funcs=[constant_reward], args=args,
+                              train_dataset=make_dataset(8, 0))
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     with torch.no_grad():  # the reference starts as a copy of the policy: move it, so the KL is not 0
@@ -80,8 +81,9 @@ def test_sequence_scope_adds_the_summed_penalty_after_group_normalisation(toy_pa
     assert torch.equal(out["advantages"], torch.zeros(B))  # equal rewards: no KL in the rollout's advantages
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
     attention = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    K = out["completion_ids"].size(1)
     with torch.no_grad():
-        logps = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, ids.size(1) - out["prompt_ids"].size(1))[0]
+        logps = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, K)[0]
     mask = out["completion_mask"].float()
     S = ((logps - out["ref_per_token_logps"]) * mask).sum(1)
     assert S.abs().min() > 0  # the reference differs from the policy here: a real penalty
@@ -161,6 +163,21 @@ def test_metrics_are_logged(toy_path, tmp_path):
     assert metrics["is/ratio_max"] == pytest.approx(ratio[mask.bool()].max().item(), rel=1e-5)
     for key in ("kl/k1", "kl/k2", "kl/k3", "kl/reward_penalty", "is/ratio_mean", "is/clip_frac", "kl"):
         assert math.isfinite(metrics[key])
+
+
+def test_penalty_is_formed_once_per_micro_batch(toy_path, tmp_path, monkeypatch):
+    """The reward penalty shapes the advantages and is logged as ``kl/reward_penalty`` from one computation."""
+    trainer = make_trainer(toy_path, make_config(tmp_path, num_iterations=2))
+    batch, _ = fixed_batch(trainer)
+    calls = []
+    real = kl.reward_penalty
+    monkeypatch.setattr(kl, "reward_penalty", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    trainer._compute_loss(trainer.model, batch)
+    assert len(calls) == 1
+    mask = batch["completion_mask"].bool()
+    expected = (batch["old_per_token_logps"] - batch["ref_per_token_logps"])[mask].mean()  # k1: log(pi_old/pi_ref)
+    assert trainer._metrics["train"]["kl/reward_penalty"][-1] == pytest.approx(expected.item(), rel=1e-5)
+    assert "kl/penalty" not in trainer._metrics["train"] and "kl/loss_term" not in trainer._metrics["train"]
 
 
 BAD_CONFIGS = [

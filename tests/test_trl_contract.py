@@ -101,7 +101,8 @@ def test_calculate_rewards_returns_every_function_with_nan_for_none(stock):
         return [2.0, None, None, 3.0]
 
     funcs = stock.reward_funcs, stock.reward_func_names, stock.reward_processing_classes
-    stock.reward_funcs, stock.reward_func_names, stock.reward_processing_classes = [first, second], ["a", "b"], [None, None]
+    stock.reward_funcs, stock.reward_func_names = [first, second], ["a", "b"]
+    stock.reward_processing_classes = [None, None]
     try:
         inputs = [{"prompt": "1+1=", "answer": "2"}] * 4
         rewards = stock._calculate_rewards(inputs, ["1+1="] * 4, ["2", "3", "4", "5"], [[1]] * 4)
@@ -165,7 +166,8 @@ def test_policy_forward_runs_once_before_the_advantages_are_read(stock):
     with _trl.trl_kl_term_off(stock), _trl.on_policy_forward(stock, ready):
         loss = stock._compute_loss(stock.model, inputs)
     assert "_get_per_token_logps_and_entropies" not in vars(stock)  # the interception is gone
-    assert len(seen) == 1 and torch.allclose(seen[0].logps, logps, atol=1e-6), entry("_get_per_token_logps_and_entropies")
+    assert len(seen) == 1, entry("_get_per_token_logps_and_entropies")
+    assert torch.allclose(seen[0].logps, logps, atol=1e-6), entry("_get_per_token_logps_and_entropies")
     assert seen[0].hidden_states is None and seen[0].batch_size == B
     with _trl.trl_kl_term_off(stock):
         expected = stock._compute_loss(stock.model, {**batch, "advantages": shaped})
@@ -381,13 +383,16 @@ def dpo(toy_path, tmp_path_factory):
 def test_dpo_dataset_preparation_and_reference_precomputation(dpo):
     """Entries 7, 8, 15, 16: TRL's preparation tokenizes each column as ``tokenize_prompt`` does; __init__ calls
     _precompute_ref_logps for the train set, which adds the reference log-probs."""
-    assert _RecordingDPOTrainer.precomputed and _RecordingDPOTrainer.precomputed[0][0] == "train", entry("_precompute_ref_logps")
-    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(dpo.train_dataset.column_names), entry("_precompute_ref_logps")
+    precomputed, columns = _RecordingDPOTrainer.precomputed, set(dpo.train_dataset.column_names)
+    assert precomputed and precomputed[0][0] == "train", entry("_precompute_ref_logps")
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= columns, entry("_precompute_ref_logps")
     tokenizer = _trl.dpo_tokenizer(dpo)
     assert tokenizer is dpo.processing_class, entry("_tokenizer")
     fresh = Dataset.from_dict({"prompt": ["5+5="], "chosen": ["10"], "rejected": ["11"]})
     prepared = _trl.prepare_dpo_dataset(dpo, fresh, "contract")
-    assert prepared[0]["prompt_ids"] == _trl.tokenize_prompt(tokenizer, "5+5=") == tokenizer("5+5=")["input_ids"], entry("_prepare_dataset")
+    prompt_ids = _trl.tokenize_prompt(tokenizer, "5+5=")
+    assert prompt_ids == tokenizer("5+5=")["input_ids"], entry("_tokenize")
+    assert prepared[0]["prompt_ids"] == prompt_ids, entry("_prepare_dataset")
     assert prepared[0]["chosen_ids"][:2] == tokenizer("10")["input_ids"], entry("_prepare_dataset")
     assert _trl.train_batch_size(dpo) == 2, entry("_train_batch_size")
 

@@ -51,7 +51,8 @@ def group_normalized_advantages(
     std_min: float | None = None,
     std_max: float | None = None,
 ) -> torch.Tensor:
-    """GRPO advantages with clip_std (eq. 41, docs/theory.md#clip-std): ``A_i = (r_i - mean_g(r)) / clip(std, std_min, std_max)``.
+    """GRPO advantages with clip_std (eq. 41, docs/theory.md#clip-std):
+    ``A_i = (r_i - mean_g(r)) / clip(std, std_min, std_max)``.
 
     ``rewards`` is ``(B,)`` with consecutive groups of ``group_size`` completions of one prompt. ``scale``
     follows TRL's ``scale_rewards``: ``group`` (std of the group), ``batch`` (std of the whole batch),

@@ -124,7 +124,8 @@ class KLSettings:
     estimator: str
     """``kl_estimator``: k1, k2, k3, k3_clip or full (docs/theory.md#estimators)."""
     placement: str
-    """``kl_placement``: "reward" (a detached penalty in the per-token advantage) or "loss" (docs/theory.md#placement)."""
+    """``kl_placement``: "reward" (a detached penalty in the per-token advantage) or "loss"
+    (docs/theory.md#placement)."""
     reward_scope: str | None
     """``kl_reward_scope`` (GRPO, reward placement): what each token's advantage carries of the penalty. None: the
     trainer carries the penalty itself (PPO puts it into its per-token rewards before GAE)."""
@@ -278,8 +279,8 @@ class KLConfigMixin:
                 raise ValueError(
                     "use_bias_correction_kl=True (KL loss times the importance ratio with its gradient) is defined for "
                     "kl_placement='loss' with kl_estimator 'k1' or 'k3', where it yields the per-state KL gradient "
-                    f"(TRL's default is k3); got kl_estimator={self.kl_estimator!r}, kl_placement={self.kl_placement!r}. "
-                    "Set use_bias_correction_kl=False."
+                    f"(TRL's default is k3); got kl_estimator={self.kl_estimator!r}, "
+                    f"kl_placement={self.kl_placement!r}. Set use_bias_correction_kl=False."
                 )
         else:
             kl.validate_kl(self.kl_estimator, self.kl_placement, self.allow_unsound_kl)
@@ -289,14 +290,17 @@ class KLConfigMixin:
                 "kl_estimator='full' (exact KL over the vocabulary) exists only as a loss: use kl_placement='loss'."
             )
 
+    @classmethod
+    def _default(cls, name: str):
+        return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
     def _refuse_kl_fields_without_beta(self) -> None:
-        """beta=0 turns the KL term off (no reference model is loaded): a KL field set then would be silently ignored."""
+        """beta=0 turns the KL term off (no reference model is loaded): a KL field set then would be ignored."""
         if self.beta != 0:
             return
         if self.kl_target is not None:
             raise ValueError("kl_target adapts beta multiplicatively, so it needs an initial beta > 0 (e.g. 0.04).")
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        changed = [name for name in self.KL_FIELDS if getattr(self, name) != defaults[name]]
+        changed = [name for name in self.KL_FIELDS if getattr(self, name) != self._default(name)]
         if changed:
             settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in changed)
             raise ValueError(
@@ -318,8 +322,7 @@ class KLConfigMixin:
                 "full_kl_token_chunk_size / full_kl_vocab_chunk_size set the tile of the exact KL over the vocabulary, "
                 f"which only kl_estimator='full' computes (got kl_estimator={self.kl_estimator!r}): unset them."
             )
-        horizon_default = next(f.default for f in dataclasses.fields(self) if f.name == "kl_horizon")
-        if self.kl_target is None and self.kl_horizon != horizon_default:
+        if self.kl_target is None and self.kl_horizon != self._default("kl_horizon"):
             raise ValueError(
                 f"kl_horizon={self.kl_horizon} is the horizon of adaptive KL control, which only kl_target turns on: "
                 "set kl_target (e.g. 0.3 nats) or unset kl_horizon."

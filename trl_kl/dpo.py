@@ -461,7 +461,8 @@ class DPOTrainer(trl.DPOTrainer):
         if not self._resampling:
             return super().get_train_dataloader()
         # Only counts steps and epochs (Trainer sizes the run with it); the batches come from get_batch_samples
-        return self.accelerator.prepare(DataLoader(range(len(self.train_dataset)), batch_size=_trl.train_batch_size(self)))
+        indices = DataLoader(range(len(self.train_dataset)), batch_size=_trl.train_batch_size(self))
+        return self.accelerator.prepare(indices)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         if not self._resampling:

@@ -8,11 +8,11 @@ reward. This module is way (1). At every visited state s_t it computes
     with p = pi_theta(.|s_t), q = pi_ref(.|s_t)
 
 summed over the whole vocabulary (eq. 42-43, appendix A.1) instead of estimated from the one sampled token
-(k1/k2/k3, docs/theory.md#estimators). As a loss (``kl_placement='loss'``, docs/theory.md#placement; the only sound placement for 'full', see
-``kl.SOUNDNESS``) its gradient is the exact per-state KL gradient, sum_a grad pi(a) log(pi/pi_ref)(a) (appendix
-A.2, eq. 44-49; eq. 22 of section 3.1, "full vocabulary"): even with one sample it is the expectation itself, not
-a Monte-Carlo estimate of it. It is still the gradient of the *per-state* KL, not of the whole-sequence KL
-(docs/theory.md#sequence-kl).
+(k1/k2/k3, docs/theory.md#estimators). As a loss (``kl_placement='loss'``, docs/theory.md#placement; the only sound
+placement for 'full', see ``kl.SOUNDNESS``) its gradient is the exact per-state KL gradient, sum_a grad pi(a)
+log(pi/pi_ref)(a) (appendix A.2, eq. 44-49; eq. 22 of section 3.1, "full vocabulary"): even with one sample it is
+the expectation itself, not a Monte-Carlo estimate of it. It is still the gradient of the *per-state* KL, not of the
+whole-sequence KL (docs/theory.md#sequence-kl).
 
 Gradient with respect to the policy logits z of one row (p = softmax(z), log q fixed)::
 
@@ -36,13 +36,13 @@ float32, so results agree with a float64 reference to ~1e-6 relative, not 1e-12)
 Tile size and memory. TRL 1.16 fixes the tile at 4096 x 32768 (module constants, read when its forward and its
 backward run). Its working set is two float32 tile buffers plus, in the torch fallback that runs on CPU (and on GPU
 without Triton), the temporaries of ``_stats_tile`` / ``_backward_tile``: about 11 tile-sized tensors live at once
-(``benchmarks/full_kl_memory.py``, docs/performance.md). With Triton only the two buffers remain. Either way the working set is
-independent of N once N >= the tile's rows, but relative to one chunk's logits (rows x V) it is 11 x 32768 / V on
-CPU: above the naive computation for V = 32000. ``token_chunk_size`` / ``vocab_chunk_size`` choose the tile:
-``trl_kl._trl.chunked_divergence`` runs TRL's autograd function with the module constants set to them while its
-forward and its backward run (under a lock, restored after), so a vocabulary chunk of about V / 12 keeps the CPU
-working set within 1.2 x one chunk's logits (docs/performance.md); None keeps TRL's values, the right choice on a GPU
-with Triton and a large vocabulary.
+(``benchmarks/full_kl_memory.py``, docs/performance.md). With Triton only the two buffers remain. Either way the
+working set is independent of N once N >= the tile's rows, but relative to one chunk's logits (rows x V) it is 11 x
+32768 / V on CPU: above the naive computation for V = 32000. ``token_chunk_size`` / ``vocab_chunk_size`` choose the
+tile: ``trl_kl._trl.chunked_divergence`` runs TRL's autograd function with the module constants set to them while
+its forward and its backward run (under a lock, restored after), so a vocabulary chunk of about V / 12 keeps the CPU
+working set within 1.2 x one chunk's logits (docs/performance.md); None keeps TRL's values, the right choice on a
+GPU with Triton and a large vocabulary.
 
 References: the paper (Liu, Liu & Liu 2025, "Rethinking KL Divergence in RLHF: From Single Sample to Mini-Batch to
 Expectation"; docs/theory.md#references): section 4's way (1), eq. 22 (section 3.1), appendix A.
@@ -117,7 +117,8 @@ def chunked_full_kl(
 ) -> torch.Tensor:
     """Exact per-position KL(pi_theta(.|s_t) || pi_ref(.|s_t)) over the full vocabulary, from both models' final
     hidden states and LM heads, without materialising (N, V) logits (the paper's way (1) of section 4, eq. 22,
-    appendix A; docs/theory.md#full-kl). Computed by TRL's ``ChunkedDivergenceFunction`` with ``beta=1.0`` (module docstring).
+    appendix A; docs/theory.md#full-kl). Computed by TRL's ``ChunkedDivergenceFunction`` with ``beta=1.0`` (module
+    docstring).
 
     Args:
         hidden: policy final hidden states ``(..., H)`` (e.g. ``(B, T, H)``: the states that predict the completion

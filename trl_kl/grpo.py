@@ -79,8 +79,8 @@ class GRPOConfig(KLConfigMixin, trl.GRPOConfig):
             self.clip_std_min is not None or self.clip_std_max is not None
         ):
             raise ValueError(
-                "clip_std_min/clip_std_max act on the summed reward: use multi_objective_aggregation='sum_then_normalize' "
-                "with them."
+                "clip_std_min/clip_std_max act on the summed reward: use "
+                "multi_objective_aggregation='sum_then_normalize' with them."
             )
 
     def _validate_kl(self) -> None:
@@ -96,7 +96,8 @@ class GRPOConfig(KLConfigMixin, trl.GRPOConfig):
             raise ValueError(
                 "loss_type='vespo' weights whole sequences by the sign of their advantage, so it cannot take "
                 "per-token KL-shaped advantages: use kl_reward_scope='sequence' (the same penalty on every token of a "
-                "completion), kl_placement='loss', or another loss_type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo)."
+                "completion), kl_placement='loss', or another loss_type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, "
+                "luspo)."
             )
 
     def kl_settings(self) -> KLSettings:
@@ -240,8 +241,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         if self.kl_settings.target is not None:
             totals = self.accelerator.reduce(self._step_kl.to(self.accelerator.device), reduction="sum").tolist()
             if totals[1] > 0:
+                settings = self.kl_settings
                 self.kl_coef = kl.adaptive_kl_coef(
-                    self.kl_coef, totals[0] / totals[1], self.kl_settings.target, self.kl_settings.horizon, int(totals[1])
+                    self.kl_coef, totals[0] / totals[1], settings.target, settings.horizon, int(totals[1])
                 )
         self._step_kl.zero_()
         if self._kl_on:
@@ -344,7 +346,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             maxima["is/ratio_max"], log_weights = ratio, kl.sequence_sum(log_ratio, mask)
         loss = 0.0
         if self._kl_on:
-            kl_token, sequence = self._kl_metrics(logps.detach(), micro.sampling_logps, inputs["ref_per_token_logps"], mask)
+            ref_logps = inputs["ref_per_token_logps"]
+            kl_token, sequence = self._kl_metrics(logps.detach(), micro.sampling_logps, ref_logps, mask)
             token.update(kl_token)
             if self.kl_settings.in_reward:
                 token["kl/reward_penalty"] = micro.penalty
@@ -387,8 +390,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         maxima: dict[str, torch.Tensor] | None = None,
         log_weights: torch.Tensor | None = None,
     ) -> None:
-        """Log under TRL's metrics (``_trl.metrics``), over every process, with one gather and one host sync per call (not one
-        per metric: on a small model a sync costs as much as the metric): masked per-token means (``token``,
+        """Log under TRL's metrics (``_trl.metrics``), over every process, with one gather and one host sync per call
+        (not one per metric: on a small model a sync costs as much as the metric): masked per-token means (``token``,
         ``(B, T)`` each), per-sequence means (``sequence``, ``(B,)`` each), masked maxima (``maxima``, ``(B, T)``
         each; NaN when no process has a token, which TRL's ``log`` drops) and ``is/ess``, the effective sample
         size fraction of the per-sequence importance log-weights ``log_weights`` ``(B,)``. Every process must

@@ -207,7 +207,9 @@ class PPOTrainer(GRPOTrainer):
         """Log-probs of the sampling policy when TRL did not compute them (on-policy): one no-grad forward, which
         PPO needs because its per-token rewards carry the penalty before GAE, at rollout time."""
         if "pixel_values" in output:
-            raise NotImplementedError("PPO with the KL in the reward, on-policy, is not supported for vision-language models.")
+            raise NotImplementedError(
+                "PPO with the KL in the reward, on-policy, is not supported for vision-language models."
+            )
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         batch_size = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
