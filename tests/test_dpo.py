@@ -1,4 +1,4 @@
-"""trl_kl.DPOConfig / DPOTrainer: the SFT term, the resampling loop, staleness, checkpoint/resume (NOTES §5)."""
+"""trl_kl.DPOConfig / DPOTrainer: the SFT term, the resampling loop, staleness, checkpoint/resume (docs/theory.md#dpo)."""
 
 import json
 import math

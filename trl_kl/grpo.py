@@ -23,6 +23,7 @@ from . import _trl  # first: refuses an untested TRL before its internals are to
 
 import os
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 import trl
@@ -262,7 +263,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         """
         micro = _MicroBatch(inputs=dict(inputs))  # a shallow copy: TRL reuses the rollout across num_iterations
         exact = self._kl_on and self.kl_settings.estimator == "full"
-        ready = lambda forward: self._policy_logps_ready(micro, forward)  # noqa: E731
+        ready = partial(self._policy_logps_ready, micro)
         with _trl.trl_kl_term_off(self), _trl.on_policy_forward(self, ready, capture_hidden_states=exact):
             loss = super()._compute_loss(model, micro.inputs)
         return loss + self._kl_loss_and_metrics(micro)
