@@ -174,12 +174,16 @@ def test_policy_forward_runs_once_before_the_advantages_are_read(stock):
     assert torch.equal(loss, expected), entry("_compute_loss")
     calls = []
     original = stock._get_per_token_logps_and_entropies
-    stock._get_per_token_logps_and_entropies = lambda *a, **k: calls.append(1) or original(*a, **k)
+    stock._get_per_token_logps_and_entropies = wrapper = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         stock._compute_loss(stock.model, dict(batch))
+        assert calls == [1], entry("_get_per_token_logps_and_entropies")
+        # an instance wrapper already there (a profiler's, a benchmark's) is called through, and kept
+        with _trl.on_policy_forward(stock, seen.append):
+            stock._compute_loss(stock.model, dict(batch))
+        assert calls == [1, 1] and len(seen) == 2 and vars(stock)["_get_per_token_logps_and_entropies"] is wrapper
     finally:
         del stock._get_per_token_logps_and_entropies
-    assert calls == [1], entry("_get_per_token_logps_and_entropies")
 
 
 def test_logps_in_micro_batches_and_hidden_states(stock):

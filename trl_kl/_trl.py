@@ -214,10 +214,18 @@ def on_policy_forward(trainer, callback: Callable[[PolicyForward], None], captur
     collected for the callback (entry 18) and released before it runs, so a forward inside the callback (e.g. a PEFT
     reference through the same backbone) is not collected.
     """
-    method = trainer._get_per_token_logps_and_entropies
+    name = "_get_per_token_logps_and_entropies"
+    shadowed = vars(trainer).get(name)  # an instance attribute already there (e.g. a profiler's wrapper) stays
+    method = getattr(trainer, name)
+
+    def restore():
+        if shadowed is None:
+            vars(trainer).pop(name, None)
+        else:
+            setattr(trainer, name, shadowed)
 
     def first_call(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        del trainer._get_per_token_logps_and_entropies  # later calls go to TRL's method directly
+        restore()  # later calls go to the method as it was
         context = captured_hidden_states(fused_head_model(trainer, model)) if capture_hidden_states else nullcontext()
         with context as states:
             output = method(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
@@ -229,11 +237,11 @@ def on_policy_forward(trainer, callback: Callable[[PolicyForward], None], captur
         callback(PolicyForward(model, input_ids, attention_mask, logits_to_keep, batch_size, extra, output[0], hidden))
         return output
 
-    trainer._get_per_token_logps_and_entropies = first_call
+    setattr(trainer, name, first_call)
     try:
         yield
     finally:
-        vars(trainer).pop("_get_per_token_logps_and_entropies", None)
+        restore()
 
 
 # ---------------------------------------------------------------------------------------------------
