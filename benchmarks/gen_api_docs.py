@@ -33,7 +33,7 @@ PAIRS = [  # (config, trainer, TRL base config, guide)
     ("PPOConfig", "PPOTrainer", "trl_kl.GRPOConfig", "ppo.md"),
     ("DPOConfig", "DPOTrainer", "trl.DPOConfig", "dpo.md"),
 ]
-MODULES = ["trl_kl.kl", "trl_kl.advantages", "trl_kl.toy", "trl_kl.compat"]
+MODULES = ["trl_kl.kl", "trl_kl.advantages", "trl_kl.toy", "trl_kl.compat", "trl_kl.config", "trl_kl.distributed"]
 
 
 def rst_to_md(text: str) -> str:

@@ -21,7 +21,7 @@ from grpo import reward_function  # the GRPO recipe's: trl_kl.toy's or trl.rewar
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from trl_kl import DPOConfig, DPOTrainer, toy
-from trl_kl.compat import end_distributed
+from trl_kl.distributed import end_distributed
 
 
 @dataclass

@@ -15,7 +15,7 @@ from datasets import load_dataset
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from trl_kl import GRPOConfig, GRPOTrainer, toy
-from trl_kl.compat import end_distributed
+from trl_kl.distributed import end_distributed
 
 
 @dataclass

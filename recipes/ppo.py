@@ -12,7 +12,7 @@ from grpo import GRPOScriptArguments, main
 from trl import ModelConfig, TrlParser
 
 from trl_kl import PPOConfig, PPOTrainer
-from trl_kl.compat import end_distributed
+from trl_kl.distributed import end_distributed
 
 if __name__ == "__main__":
     parser = TrlParser((GRPOScriptArguments, PPOConfig, ModelConfig))

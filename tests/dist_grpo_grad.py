@@ -4,7 +4,7 @@ Each process takes its slice of one fixed global batch of 8 completions, compute
 gradient; gradients are averaged over processes as DDP does. Rank 0 saves the averaged gradient and the is/* and
 kl* metrics of that loss call (reduced over processes by the trainer). Then every
 process trains 2 real steps (generation, rewards gathered across processes, KL in the reward), ends with
-``trl_kl.compat.end_distributed``, and rank 0 saves the losses and whether the process group and the DDP wrapper
+``trl_kl.distributed.end_distributed``, and rank 0 saves the losses and whether the process group and the DDP wrapper
 were freed.
 """
 
@@ -20,7 +20,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from grpo_batch import fixed_batch, make_config, make_trainer  # noqa: E402
 
-from trl_kl.compat import end_distributed  # noqa: E402
+from trl_kl.distributed import end_distributed  # noqa: E402
 from trl_kl.toy import toy_model_path  # noqa: E402
 
 GLOBAL_ROWS = 8

@@ -5,8 +5,8 @@ rank in a session of its own, so hung ranks outlived the test; and a failure's o
 long pytest log. Here a hung run's ranks first get SIGABRT, on which Python's faulthandler prints
 where every thread of every process was, then everything is killed, and the error carries the end of the output.
 
-gloo's teardown on CPU is not reliable in torch 2.13 (``trl_kl.compat.end_distributed`` has the numbers); the
-scripts and recipes end with that function. Should a run whose work is verifiably done (``finished``) still fail or
+gloo's teardown on CPU is not reliable in torch 2.13 (docs/launching.md has the numbers); the scripts and recipes
+end with ``trl_kl.distributed.end_distributed``. Should a run whose work is verifiably done (``finished``) still fail or
 hang on its way out past ``exit_grace`` seconds, the test reports a warning, with the stacks, and goes on to check
 its results: what it checks is the work, and a hung exit costs ``exit_grace``, not ``timeout``.
 """

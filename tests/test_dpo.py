@@ -1,4 +1,4 @@
-"""trl_kl.DPOConfig / DPOTrainer: the SFT term, the resampling loop, staleness, checkpoint/resume (NOTES §5)."""
+"""trl_kl.DPOConfig / DPOTrainer: the SFT term, the resampling loop, staleness, checkpoint/resume (docs/theory.md#dpo)."""
 
 import json
 import math
@@ -19,7 +19,7 @@ from peft import LoraConfig
 
 from trl_kl import DPOConfig as LazyDPOConfig
 from trl_kl import DPOTrainer as LazyDPOTrainer
-from trl_kl.compat import end_distributed
+from trl_kl.distributed import end_distributed
 from trl_kl.dpo import DPOConfig, DPOTrainer, build_preference_pairs
 from trl_kl.toy import closeness_reward, correctness_reward, make_dataset
 

@@ -1,5 +1,5 @@
-"""trl_kl.full_kl: exact per-state KL over the vocabulary (paper section 4, way (1); NOTES §3), a wrapper over
-TRL 1.16's ``ChunkedDivergenceFunction``.
+"""trl_kl.full_kl: exact per-state KL over the vocabulary (paper section 4, way (1); docs/theory.md#full-kl), a
+wrapper over TRL 1.16's ``ChunkedDivergenceFunction``.
 
 Checked against the naive ``trl_kl.kl.full_kl`` on materialised logits (value and gradient), on extreme logits, with
 masks (padding never read), for the reference getting no gradient, and for the memory bound itself with TRL's tile
@@ -18,14 +18,10 @@ import torch
 import trl.kernels.chunked_divergence as trl_divergence
 
 from trl_kl import kl
-from trl_kl.full_kl import chunked_full_kl, full_kl_from_logits
+from trl_kl.full_kl import chunked_full_kl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from memory_tracker import TensorMemoryTracker  # noqa: E402
-
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-"""float64 only for ``full_kl_from_logits``: TRL's kernel computes in float32 whatever the input dtype."""
-
 
 def make_problem(n_lead=(3, 11), hidden=8, ref_hidden=6, vocab=50, dtype=torch.float32, seed=0, scale=1.0):
     """Policy (h, W, b) with gradients, a reference (h_ref, W_ref, b_ref) with a different width, logits ~ O(scale)."""
@@ -105,30 +101,6 @@ def test_float64_inputs_are_computed_in_float32(tiles):
         assert_close(g_, want, 1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_full_kl_from_logits_matches_naive(dtype):
-    h, w, b, rh, rw, rb, up = make_problem(dtype=dtype, scale=2.0)
-    logits = (h @ w.T + b).detach().requires_grad_()
-    ref_logits = (rh @ rw.T + rb).detach()
-    expected = kl.full_kl(logits, ref_logits)
-    out = full_kl_from_logits(logits, ref_logits)
-    assert out.shape == (3, 11) and out.dtype == dtype
-    assert_close(out, expected, TOL[dtype])
-    assert_close(grads(out, up, (logits,))[0], grads(expected, up, (logits,))[0], TOL[dtype])
-
-
-def test_bf16_logits_are_computed_in_float32():
-    h, w, b, rh, rw, rb, up = make_problem()
-    logits = (h @ w.T + b).detach().bfloat16().requires_grad_()
-    ref_logits = (rh @ rw.T + rb).detach().bfloat16()
-    expected = kl.full_kl(logits.float(), ref_logits.float())
-    out = full_kl_from_logits(logits, ref_logits)
-    assert out.dtype == torch.float32
-    assert_close(out, expected, 1e-5)
-    got = grads(out, up, (logits,))[0]
-    assert got.dtype == torch.bfloat16
-
-
 def test_gradient_formula_in_logit_space(tiles):
     """dKL/dz = p (log p - log q - KL) per row (module docstring): autograd of the naive KL, and TRL's backward
     through an identity head (h = z, so dKL/dh = dKL/dz)."""
@@ -141,8 +113,6 @@ def test_gradient_formula_in_logit_space(tiles):
     value = (logp.exp() * (logp - logq)).sum(-1, keepdim=True)
     formula = logp.exp() * (logp - logq - value)
     assert_close(auto, formula, 1e-12)
-    (ours,) = torch.autograd.grad(full_kl_from_logits(z, zq).sum(), z)
-    assert_close(ours, formula, 1e-12)
     z32 = z.detach().float().requires_grad_()
     eye = torch.eye(9)
     (trl_grad,) = torch.autograd.grad(chunked_full_kl(z32, eye, ref_hidden=zq.float(), ref_weight=eye).sum(), z32)
@@ -158,12 +128,6 @@ def test_temperature_divides_both_models(tiles, temperature):
     assert_close(out, expected, 1e-5)
     for got, want in zip(grads(out, up, (h, w, b)), grads(expected, up, (h, w, b))):
         assert_close(got, want, 1e-5)
-    logits = (h @ w.T + b).detach().requires_grad_()
-    ref_logits = (rh @ rw.T + rb).detach()
-    out = full_kl_from_logits(logits, ref_logits, temperature=temperature)
-    expected = kl.full_kl(logits / temperature, ref_logits / temperature)
-    assert_close(out, expected, 1e-6)
-    assert_close(grads(out, up, (logits,))[0], grads(expected, up, (logits,))[0], 1e-6)
 
 
 def test_logit_scale_and_softcapping_are_passed_to_trl(tiles):
@@ -200,14 +164,6 @@ def test_reference_gets_no_gradient_even_when_it_shares_the_policy_head(tiles):
     assert torch.autograd.grad(out.sum(), (rh, rw, rb), allow_unused=True) == (None, None, None)
 
 
-def test_gradcheck_logits_interface():
-    g = torch.Generator().manual_seed(1)
-    z = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    zq = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
-    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
-    assert torch.autograd.gradcheck(lambda z: full_kl_from_logits(z, zq, mask, temperature=1.3), (z,))
-
-
 def test_extreme_logits_stay_finite_and_exact(tiles):
     """Logits differing by +-1e4 inside a row and between the two models: no overflow in exp (online max)."""
     tiles(4, 16)
@@ -220,11 +176,6 @@ def test_extreme_logits_stay_finite_and_exact(tiles):
     # KL values reach ~3e4; float32 carries ~7 digits of logits of size 1e4, so the error bound is relative to the
     # logit scale (the naive float32 computation is off by ~1e-3 here too)
     tol = 1e-6 * 2e4
-    logits = z.float().requires_grad_()
-    out = full_kl_from_logits(logits, zq.float())
-    (grad,) = torch.autograd.grad(out.sum(), logits)
-    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
-    assert (out.double() - expected).abs().max().item() <= tol and out[0].abs().item() <= 1e-12
 
     # TRL's kernel through an identity head (h = logits), and through a real head with h of size 3e3
     eye = torch.eye(40)
@@ -256,7 +207,6 @@ def test_mask_skips_rows_exactly(tiles, mask_dtype):
     clean_h = h.detach().clone().requires_grad_()
     expected = torch.where(mask, naive(clean_h, w, b, rh, rw, rb), 0.0)
     expected_grads = grads(expected, up, (clean_h, w, b))
-    clean_ref_logits = (rh @ rw.T + rb).reshape(-1, rw.shape[0])
     with torch.no_grad():  # padding may hold anything: it must not leak into values or gradients
         h[~mask] = math.nan
         rh[~mask] = math.inf
@@ -270,16 +220,6 @@ def test_mask_skips_rows_exactly(tiles, mask_dtype):
     for g_, want in zip(got, expected_grads):
         assert_close(g_, want, 1e-5)
 
-    logits = (clean_h @ w.T + b).detach()
-    logits[~mask] = math.nan
-    logits.requires_grad_()
-    ref_logits = clean_ref_logits.reshape(3, 11, -1).clone()
-    ref_logits[~mask] = -math.inf
-    out = full_kl_from_logits(logits, ref_logits, m)
-    assert_close(out, expected, 1e-5)
-    (g_,) = grads(out, up, (logits,))
-    assert torch.isfinite(g_).all() and (g_[~mask] == 0).all()
-
 
 def test_all_masked_gives_zeros_and_a_zero_gradient():
     h, w, b, rh, rw, rb, _ = make_problem()
@@ -288,11 +228,6 @@ def test_all_masked_gives_zeros_and_a_zero_gradient():
     assert torch.equal(out, torch.zeros(3, 11))
     gh, gw, gb = torch.autograd.grad(out.sum(), (h, w, b), allow_unused=True)
     assert (gh is None or (gh == 0).all()) and (gw is None or (gw == 0).all()) and (gb is None or (gb == 0).all())
-    logits = (h @ w.T).detach().requires_grad_()
-    out = full_kl_from_logits(logits, logits.detach(), mask)
-    assert torch.equal(out, torch.zeros(3, 11))
-    out.sum().backward()
-    assert logits.grad is None or (logits.grad == 0).all()
 
 
 def test_non_contiguous_hidden_states(tiles):
@@ -321,8 +256,6 @@ def test_validation_errors():
         chunked_full_kl(h, w, b, ref_hidden=rh, ref_weight=rw, temperature=0.0)
     with pytest.raises(ValueError, match="mask"):
         chunked_full_kl(h, w, b, ref_hidden=rh, ref_weight=rw, mask=torch.ones(3, 10))
-    with pytest.raises(ValueError, match="same"):
-        full_kl_from_logits(torch.zeros(2, 5), torch.zeros(2, 6))
 
 
 # ---------------------------------------------------------------------------------------------------

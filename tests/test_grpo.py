@@ -32,7 +32,7 @@ def _hand_eq39_loss(logps, batch, penalty, beta, eps, scope):
     return ((per_token * mask).sum(1) / mask.sum(1)).mean()
 
 
-@pytest.mark.parametrize("scope", ["token", "return_to_go"])
+@pytest.mark.parametrize("scope", ["token", "return_to_go", "sequence"])
 def test_k1_in_reward_matches_hand_computed_eq39(toy_path, tmp_path, scope):
     trainer = make_trainer(toy_path, make_config(tmp_path, kl_reward_scope=scope, num_iterations=2))
     batch, logps = fixed_batch(trainer)
@@ -55,33 +55,43 @@ def test_k3_moved_into_reward_matches_hand_computed_eq35(toy_path, tmp_path):
     torch.testing.assert_close(trainer._compute_loss(trainer.model, batch), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_sequence_scope_subtracts_summed_penalty_before_group_normalisation(toy_path, tmp_path):
-    """kl_reward_scope='sequence': A = norm_g(r - beta * sum_t log(pi_old/pi_ref)), on a real rollout."""
-    seen = []
+def test_sequence_scope_adds_the_summed_penalty_after_group_normalisation(toy_path, tmp_path):
+    """kl_reward_scope='sequence' is the exact form (docs/theory.md#sequence-kl): the rollout's advantages are the
+    group-normalised rewards alone, and each token's advantage becomes A_i - beta * S_i, S_i = sum_t
+    log(pi_old/pi_ref) over completion i; the group std never rescales the KL. A group of equal rewards has A = 0,
+    so on-policy (ratio 1, 'grpo' averaging) the loss is exactly beta * mean_i S_i: it moves with beta."""
 
-    def recording_reward(completions, answer, **kwargs):
-        # spread the rewards inside groups so the normalisation has something to divide
-        rewards = [r + 0.1 * len(c) for r, c in zip(correctness_reward(completions, answer), completions)]
-        seen.append(torch.tensor(rewards))
-        return rewards
+    def constant_reward(completions, **kwargs):
+        return [0.5] * len(completions)
 
-    args = make_config(tmp_path, kl_reward_scope="sequence", beta=0.5, clip_std_min=0.05)
+    args = make_config(tmp_path, kl_reward_scope="sequence", beta=0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = GRPOTrainer(model=toy_path, reward_funcs=[recording_reward], args=args, train_dataset=make_dataset(8, 0))
+        trainer = GRPOTrainer(model=toy_path, reward_funcs=[constant_reward], args=args,
+                              train_dataset=make_dataset(8, 0))
     trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    with torch.no_grad():  # the reference starts as a copy of the policy: move it, so the KL is not 0
+        for p in trainer.ref_model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     torch.manual_seed(0)
     inputs = [{"prompt": p, "answer": a} for p, a in zip(["12+34="] * 2 + ["7+8="] * 2, ["46"] * 2 + ["15"] * 2)]
     out = trainer._generate_and_score_completions(inputs)
+    assert out.get("old_per_token_logps") is None  # on-policy: no extra forward for the sequence scope
+    assert torch.equal(out["advantages"], torch.zeros(B))  # equal rewards: no KL in the rollout's advantages
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    attention = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    K = out["completion_ids"].size(1)
+    with torch.no_grad():
+        logps = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, K)[0]
     mask = out["completion_mask"].float()
-    # on-policy: TRL keeps no old log-probs, so the sequence scope computed them (one forward)
-    assert out["old_per_token_logps"] is not None
-    seq_penalty = ((out["old_per_token_logps"] - out["ref_per_token_logps"]) * mask).sum(1)
-    shaped = seen[-1] - 0.5 * seq_penalty
-    grouped = shaped.view(-1, G)
-    std = grouped.std(dim=1, keepdim=True).clamp(min=0.05)
-    expected = ((grouped - grouped.mean(dim=1, keepdim=True)) / std).view(-1)
-    torch.testing.assert_close(out["advantages"], expected, rtol=1e-5, atol=1e-6)
+    S = ((logps - out["ref_per_token_logps"]) * mask).sum(1)
+    assert S.abs().min() > 0  # the reference differs from the policy here: a real penalty
+    losses = {}
+    for beta in (0.01, 10.0):
+        trainer.kl_coef = beta
+        losses[beta] = trainer._compute_loss(trainer.model, dict(out)).item()
+        assert losses[beta] == pytest.approx(beta * S.mean().item(), rel=1e-5, abs=1e-8)
 
 
 def test_k2_as_loss_matches_hand_computed(toy_path, tmp_path):
@@ -151,8 +161,23 @@ def test_metrics_are_logged(toy_path, tmp_path):
     assert metrics["is/ess"] == pytest.approx((w.sum() ** 2 / (len(w) * (w**2).sum())).item(), rel=1e-5)
     ratio = torch.exp(logps - batch["old_per_token_logps"])
     assert metrics["is/ratio_max"] == pytest.approx(ratio[mask.bool()].max().item(), rel=1e-5)
-    for key in ("kl/k1", "kl/k2", "kl/k3", "kl/penalty", "is/ratio_mean", "is/clip_frac", "kl"):
+    for key in ("kl/k1", "kl/k2", "kl/k3", "kl/reward_penalty", "is/ratio_mean", "is/clip_frac", "kl"):
         assert math.isfinite(metrics[key])
+
+
+def test_penalty_is_formed_once_per_micro_batch(toy_path, tmp_path, monkeypatch):
+    """The reward penalty shapes the advantages and is logged as ``kl/reward_penalty`` from one computation."""
+    trainer = make_trainer(toy_path, make_config(tmp_path, num_iterations=2))
+    batch, _ = fixed_batch(trainer)
+    calls = []
+    real = kl.reward_penalty
+    monkeypatch.setattr(kl, "reward_penalty", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    trainer._compute_loss(trainer.model, batch)
+    assert len(calls) == 1
+    mask = batch["completion_mask"].bool()
+    expected = (batch["old_per_token_logps"] - batch["ref_per_token_logps"])[mask].mean()  # k1: log(pi_old/pi_ref)
+    assert trainer._metrics["train"]["kl/reward_penalty"][-1] == pytest.approx(expected.item(), rel=1e-5)
+    assert "kl/penalty" not in trainer._metrics["train"] and "kl/loss_term" not in trainer._metrics["train"]
 
 
 BAD_CONFIGS = [
@@ -206,8 +231,8 @@ def test_stock_config_is_refused(toy_path, tmp_path):
 def test_trlparser_reads_the_kl_fields(tmp_path):
     parser = trl.TrlParser((GRPOConfig,))
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--kl_estimator", "k2", "--kl_placement", "loss", "--clip_std_min", "0.1",
-         "--num_generations", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true"]
+        ["--output_dir", str(tmp_path), "--beta", "0.04", "--kl_estimator", "k2", "--kl_placement", "loss",
+         "--clip_std_min", "0.1", "--num_generations", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true"]
     )
     assert (args.kl_estimator, args.kl_placement, args.clip_std_min) == ("k2", "loss", 0.1)
 
@@ -231,11 +256,12 @@ def test_adaptive_kl_updates_beta_after_each_optimizer_step(toy_path, tmp_path):
         mask = batch["completion_mask"].float()
         seq_kls.append(((batch["old_per_token_logps"] - batch["ref_per_token_logps"]) * mask).sum(1))
         trainer.training_step(trainer.model, [{}], batch["num_items_in_batch"])
-        assert trainer.beta == 0.1 or len(seq_kls) == 2  # unchanged until the optimizer step ends
+        assert trainer.kl_coef == 0.1 or len(seq_kls) == 2  # unchanged until the optimizer step ends
     observed = torch.cat(seq_kls).mean().item()
     error = min(max(observed / 0.01 - 1, -0.2), 0.2)
-    assert trainer.beta == pytest.approx(0.1 * (1 + error * 2 * B / 50.0), rel=1e-6)
-    assert trainer._metrics["train"]["kl/coef"][-1] == trainer.beta
+    assert trainer.kl_coef == pytest.approx(0.1 * (1 + error * 2 * B / 50.0), rel=1e-6)
+    assert trainer._metrics["train"]["kl/coef"][-1] == trainer.kl_coef
+    assert trainer.beta == 0.1  # TRL's switch (reference log-probs at rollout) stays the config's
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -8,8 +8,7 @@ import torch
 
 from grpo_batch import B, fixed_batch, make_config, make_trainer
 import trl_kl.grpo as grpo_module
-from trl_kl import kl
-from trl_kl.grpo import _LossCall
+from trl_kl import _trl, kl
 
 BETA, EPS = 0.1, 0.2
 
@@ -68,7 +67,7 @@ def test_full_kl_loss_matches_surrogate_plus_naive_exact_kl(toy_path, tmp_path, 
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    logged = trainer._metrics["train"]["kl/penalty"][-1]  # the masked mean of the exact KL
+    logged = trainer._metrics["train"]["kl/loss_term"][-1]  # the masked mean of the exact KL
     assert abs(logged - exact[mask].mean().item()) < 1e-5
     assert not any(p.grad is not None for p in trainer.ref_model.parameters())
     assert (seen["token_chunk_size"], seen["vocab_chunk_size"]) == (
@@ -76,19 +75,20 @@ def test_full_kl_loss_matches_surrogate_plus_naive_exact_kl(toy_path, tmp_path, 
 
 
 def test_hidden_states_are_concatenated_over_trl_micro_batches(toy_path, tmp_path):
+    """TRL's forward in micro-batches of 1, 3 or all rows: the exact KL's inputs (the policy's hidden states from
+    that forward, the reference's from its own forward in the same micro-batches) are the same."""
     trainer = make_trainer(toy_path, make_config(tmp_path, kl_estimator="full", kl_placement="loss"))
     batch, _ = fixed_batch(trainer)
     input_ids, attention, K = _ids(batch)
     captured = {}
     for batch_size in (B, 1, 3):
-        trainer._loss_call = call = _LossCall(inputs=dict(batch), beta=BETA)
-        try:
+        def ready(forward, batch_size=batch_size):
+            captured[batch_size] = trainer._full_kl_args(forward)
+
+        with _trl.on_policy_forward(trainer, ready, capture_hidden_states=True):
             trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention, K, batch_size=batch_size)
-        finally:
-            trainer._loss_call = None
-        captured[batch_size] = call.full_kl_args
-        assert call.full_kl_args["hidden"].shape[:2] == (B, K)
-        assert call.full_kl_args["ref_hidden"].shape[:2] == (B, K)
+        assert captured[batch_size]["hidden"].shape[:2] == (B, K)
+        assert captured[batch_size]["ref_hidden"].shape[:2] == (B, K)
     for batch_size in (1, 3):
         for key in ("hidden", "ref_hidden"):
             torch.testing.assert_close(captured[batch_size][key], captured[B][key], rtol=1e-5, atol=1e-6)
@@ -105,6 +105,6 @@ def test_full_kl_trains_two_steps(toy_path, tmp_path):
         trainer.train()
     rows = [row for row in trainer.state.log_history if "loss" in row]
     assert len(rows) == 2
-    penalties = [row["kl/penalty"] for row in rows]
+    penalties = [row["kl/loss_term"] for row in rows]
     assert all(torch.isfinite(torch.tensor(p)) and p >= 0 for p in penalties)
     assert penalties[0] == 0.0 or abs(penalties[0]) < 1e-6  # step 1: the policy is still the reference

@@ -92,6 +92,7 @@ def _configure(trainer, args):
     trainer.epsilon_low = args.epsilon
     trainer.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
     trainer.beta = args.beta
+    trainer.kl_settings, trainer.kl_coef = args.kl_settings(), args.beta
     return trainer
 
 

@@ -1,5 +1,6 @@
 """trl_kl.PPOTrainer: per-token rewards, GAE, policy and value losses against hand computations."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -132,8 +133,6 @@ BAD = [
     (dict(num_generations=0), "num_generations must be"),
     (dict(kl_estimator="k1", kl_placement="loss"), "zero expected gradient"),
     (dict(per_device_train_batch_size=1), "per_device_train_batch_size >= 2"),
-    (dict(kl_reward_scope="token"), "PPO carries the per-token penalty with GAE"),
-    (dict(clip_std_min=0.1), "PPO carries the per-token penalty with GAE"),
 ]
 
 
@@ -141,6 +140,17 @@ BAD = [
 def test_invalid_ppo_config(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         ppo_config(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("name", ["kl_reward_scope", "clip_std_min", "clip_std_max"])
+def test_ppo_config_has_no_grpo_baseline_fields(tmp_path, name):
+    """GRPO's group-baseline fields are not PPOConfig's: PPO carries the penalty with GAE and whitens."""
+    from trl_kl import GRPOConfig
+
+    assert name in {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert name not in {f.name for f in dataclasses.fields(PPOConfig)}
+    with pytest.raises(TypeError, match=name):
+        ppo_config(tmp_path, **{name: 0.1})
 
 
 def test_num_generations_one_is_the_default(tmp_path):
@@ -170,3 +180,159 @@ def test_ppo_learns_the_toy_task_with_bounded_kl(toy_path, tmp_path):
     assert max(kls) < 1.0
     checkpoint = tmp_path / "out" / "checkpoint-60"
     assert (checkpoint / "value_model" / "config.json").exists() and (checkpoint / "value_optimizer.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The critic's optimizer step, checkpoint and the logged policy loss
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_critic_gradient_is_clipped_at_max_grad_norm(toy_path, tmp_path):
+    """The critic's gradient norm is clipped to max_grad_norm before its optimizer steps (as TRL clips the policy)."""
+    trainer = ppo_trainer(toy_path, ppo_config(tmp_path, max_grad_norm=0.5))
+    for p in trainer.value_model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    norms = []
+    step = trainer.value_optimizer.step
+    trainer.value_optimizer.step = lambda: norms.append(
+        torch.cat([p.grad.flatten() for p in trainer.value_model.parameters()]).norm().item()
+    ) or step()
+    trainer._end_of_optimizer_step()
+    assert norms == [pytest.approx(0.5, rel=1e-4)]
+    assert all(p.grad is None or (p.grad == 0).all() for p in trainer.value_model.parameters())  # zeroed after
+
+
+def test_critic_and_its_optimizer_are_restored_on_resume(toy_path, tmp_path):
+    """A checkpoint holds the critic and its optimizer; loading it puts both back, whatever happened since."""
+    trainer = ppo_trainer(toy_path, ppo_config(tmp_path))
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    for p in trainer.value_model.parameters():  # one critic step, so the optimizer has state
+        p.grad = torch.ones_like(p)
+    trainer.value_optimizer.step()
+    saved_weights = {k: v.clone() for k, v in trainer.value_model.state_dict().items()}
+    saved_steps = [s["step"].clone() for s in trainer.value_optimizer.state.values()]
+    trainer.state.global_step = 3
+    trainer._save_checkpoint(trainer.model, None)
+    trainer.value_optimizer.step()  # moves the weights and the optimizer state on
+    with torch.no_grad():
+        for p in trainer.value_model.parameters():
+            p.add_(1.0)
+    trainer._load_optimizer_and_scheduler(str(tmp_path / "out" / "checkpoint-3"))
+    for key, value in trainer.value_model.state_dict().items():
+        torch.testing.assert_close(value, saved_weights[key], rtol=0, atol=0)
+    assert [s["step"] for s in trainer.value_optimizer.state.values()] == saved_steps
+
+
+def test_logged_policy_loss_is_not_divided_by_gradient_accumulation(toy_path, tmp_path):
+    """TRL divides the returned loss by the gradient accumulation; ``loss/policy_avg`` logs the micro-batch's own
+    value, the same whatever the accumulation."""
+    trainer = ppo_trainer(toy_path, ppo_config(tmp_path, num_iterations=2))
+    batch, _ = fixed_batch(trainer)
+    mask = batch["completion_mask"].float()
+    gen = torch.Generator().manual_seed(1)
+    for key in ("advantages", "old_values", "returns"):
+        batch[key] = torch.randn(mask.shape, generator=gen) * mask
+    logged = {}
+    for accumulation in (1, 4):
+        trainer.current_gradient_accumulation_steps = accumulation
+        loss = trainer._compute_loss(trainer.model, dict(batch))
+        logged[accumulation] = (loss.item(), trainer._metrics["train"]["loss/policy_avg"][-1])
+    assert logged[4][0] == pytest.approx(logged[1][0] / 4, rel=1e-5)
+    assert logged[4][1] == pytest.approx(logged[1][1], rel=1e-5)
+    assert logged[1][1] == pytest.approx(logged[1][0], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# TRL's trainer argument order, and the former trl.PPOTrainer's arguments
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward_model_path(toy_path, tmp_path_factory):
+    """A sequence-classification reward model (the toy backbone, a seeded scalar head) saved with its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(toy_path, num_labels=1)
+    path = tmp_path_factory.mktemp("reward_model")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(toy_path).save_pretrained(path)
+    return str(path)
+
+
+def _build(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PPOTrainer(*args, **kwargs)
+
+
+def _reward_model_scores(trainer, reward_model):
+    """The trainer's rewards for two fixed completions, next to the reward model's own score of prompt + completion."""
+    from transformers import AutoModelForSequenceClassification
+
+    if isinstance(reward_model, str):
+        reward_model = AutoModelForSequenceClassification.from_pretrained(reward_model, num_labels=1)
+    prompts, completions = ["12+34=", "7+8="], ["46", "1"]
+    inputs = [{"prompt": p, "answer": "0"} for p in prompts]
+    rewards = trainer._calculate_rewards(inputs, prompts, completions, [[5], [6]])
+    tokenizer = trainer.processing_class
+    with torch.no_grad():
+        own = torch.stack([reward_model(**tokenizer(p + c, return_tensors="pt")).logits[0, 0]
+                           for p, c in zip(prompts, completions)])
+    return rewards, own
+
+
+def test_positional_order_is_trls(toy_path, tmp_path):
+    """model, reward_funcs, args, train_dataset, eval_dataset, processing_class: TRL's trainers' order."""
+    train, evaluation = toy.make_dataset(16, 0), toy.make_dataset(8, 1)
+    tokenizer = AutoTokenizer.from_pretrained(toy_path)
+    trainer = _build(toy_path, [toy.correctness_reward], ppo_config(tmp_path), train, evaluation, tokenizer)
+    assert trainer.train_dataset is train and trainer.eval_dataset is evaluation
+    assert trainer.processing_class is tokenizer
+    assert trainer.reward_funcs == [toy.correctness_reward]
+
+
+def test_value_model_and_processing_class_by_keyword(toy_path, tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    critic = AutoModelForTokenClassification.from_pretrained(toy_path, num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(toy_path)
+    trainer = _build(model=toy_path, reward_funcs=toy.correctness_reward, args=ppo_config(tmp_path),
+                     train_dataset=toy.make_dataset(16, 0), value_model=critic, processing_class=tokenizer)
+    assert trainer.accelerator.unwrap_model(trainer.value_model) is critic
+    assert trainer.processing_class is tokenizer
+
+
+@pytest.mark.parametrize("form", ["model", "path"])
+def test_reward_model_is_scored_like_a_grpo_reward_model(toy_path, tmp_path, reward_model_path, form):
+    """``reward_model=`` (TRL's former argument), a model or a path: appended to the reward functions and scored by
+    TRL's reward-model path, i.e. its scalar output on prompt + completion."""
+    from transformers import AutoModelForSequenceClassification
+
+    reward_model = reward_model_path
+    if form == "model":
+        reward_model = AutoModelForSequenceClassification.from_pretrained(reward_model_path, num_labels=1)
+    trainer = _build(model=toy_path, args=ppo_config(tmp_path), train_dataset=toy.make_dataset(16, 0),
+                     reward_model=reward_model)
+    assert len(trainer.reward_funcs) == 1 and isinstance(trainer.reward_funcs[0], torch.nn.Module)
+    rewards, own = _reward_model_scores(trainer, reward_model)
+    assert rewards.shape == (2, 1) and own.abs().max() > 0
+    torch.testing.assert_close(rewards[:, 0], own, rtol=1e-5, atol=1e-6)
+
+
+def test_reward_model_next_to_reward_funcs(toy_path, tmp_path, reward_model_path):
+    trainer = _build(toy_path, [toy.correctness_reward], ppo_config(tmp_path), toy.make_dataset(16, 0),
+                     reward_model=reward_model_path)
+    assert trainer.reward_funcs[0] is toy.correctness_reward and isinstance(trainer.reward_funcs[1], torch.nn.Module)
+    rewards, own = _reward_model_scores(trainer, reward_model_path)
+    torch.testing.assert_close(rewards[:, 1], own, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda path, args: PPOTrainer(model=path, args=args), ValueError, "needs a reward"),
+    (lambda path, args: PPOTrainer(args, AutoTokenizer.from_pretrained(path), path), TypeError, "model first"),
+    (lambda path, args: PPOTrainer(path, [toy.correctness_reward], args, ref_model=path), ValueError, "no ref_model"),
+], ids=["no-reward", "former-positional-order", "ref_model"])
+def test_former_call_styles_that_cannot_work_say_why(toy_path, tmp_path, call, error, message):
+    with pytest.raises(error, match=message):
+        call(toy_path, ppo_config(tmp_path))

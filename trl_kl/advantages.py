@@ -51,7 +51,8 @@ def group_normalized_advantages(
     std_min: float | None = None,
     std_max: float | None = None,
 ) -> torch.Tensor:
-    """GRPO advantages with clip_std (eq. 41, NOTES §4): ``A_i = (r_i - mean_g(r)) / clip(std, std_min, std_max)``.
+    """GRPO advantages with clip_std (eq. 41, docs/theory.md#clip-std):
+    ``A_i = (r_i - mean_g(r)) / clip(std, std_min, std_max)``.
 
     ``rewards`` is ``(B,)`` with consecutive groups of ``group_size`` completions of one prompt. ``scale``
     follows TRL's ``scale_rewards``: ``group`` (std of the group), ``batch`` (std of the whole batch),
@@ -113,16 +114,13 @@ def gae(
     return advantages, masked(advantages + values, mask)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Whiten ``x`` over the masked-in entries (zero mean unless ``shift_mean`` is False, unit variance)."""
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Whiten ``x`` over the masked-in entries: zero mean, unit variance there, exactly 0 elsewhere."""
     x = masked(x, mask)
     n = mask.sum().clamp(min=1)
     mean = x.sum() / n
     var = masked((x - mean) ** 2, mask).sum() / n
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return masked(out, mask)
+    return masked((x - mean) * torch.rsqrt(var + eps), mask)
 
 
 def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:

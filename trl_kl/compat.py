@@ -1,7 +1,6 @@
-"""Compatibility with the libraries under trl_kl: the TRL versions it is tested with (it overrides TRL 1.16's
-private GRPO hooks ``_calculate_rewards``, ``_generate_and_score_completions``,
-``_get_per_token_logps_and_entropies`` and ``_compute_loss``, whose signatures and semantics may change in any minor
-release), and a clean end for multi-process runs on CPU (``end_distributed``)."""
+"""The TRL versions trl_kl is tested with. trl_kl relies on TRL 1.16 internals (private hooks, attributes and
+module globals, listed in ``trl_kl._trl``) that may change in any minor release, so a TRL outside the pinned range is
+refused when a trainer module is imported."""
 
 from __future__ import annotations
 
@@ -26,23 +25,3 @@ def check_trl_version(version: str | None = None) -> None:
             f"trl_kl supports trl>={low},<{high} (it overrides TRL's private GRPO hooks), but trl {version} is "
             f'installed: pip install "trl>={low},<{high}", or set TRL_KL_SKIP_VERSION_CHECK=1 to try anyway.'
         )
-
-
-def end_distributed(trainer) -> None:
-    """End a run's process group while Python is fully alive. Call it last: the trainer can still save, not train.
-
-    Accelerate's ``end_training()`` destroys the group, but the ``DistributedDataParallel`` wrappers the trainer
-    keeps (``model_wrapped``, PPO's critic) still reference it, so torch frees it only while Python shuts down,
-    where gloo (CPU) in torch 2.13 can abort ("terminate called without an active exception") or hang, after the
-    work is saved. Unwrapping them first lets the group go at once. Measured here, 2 CPU processes:
-    ``recipes/grpo.py`` failed its exit in 1 of 20 runs with ``end_training()`` alone, in 0 of 60 with this; a
-    plain script without any teardown in 21 of 40; ``tests/dist_grpo_grad.py`` hung in 1 of 6 runs with
-    ``end_training()`` alone (faulthandler: freeing the trainer after ``main()`` returned), in 0 of 30 with
-    this. Elsewhere (GPU, one process) it does what ``end_training()`` does, after the unwrapping."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    for name, value in list(vars(trainer).items()):
-        if isinstance(value, DistributedDataParallel):
-            setattr(trainer, name, value.module)
-    trainer.accelerator.free_memory()  # the accelerator's own references to the wrappers
-    trainer.accelerator.end_training()

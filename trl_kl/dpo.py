@@ -1,4 +1,4 @@
-"""Drop-in ``DPOConfig`` / ``DPOTrainer``: DPO under the Monte-Carlo condition (NOTES §5, paper section 5).
+"""Drop-in ``DPOConfig`` / ``DPOTrainer``: DPO under the Monte-Carlo condition (docs/theory.md#dpo, paper section 5).
 
 ``from trl_kl import DPOConfig, DPOTrainer`` instead of ``from trl import ...``. DPO fits a distribution from
 samples, which is sound only while the samples come from (close to) the current policy. Offline preference
@@ -35,6 +35,8 @@ sample size fraction ``resample/ess`` (1 right after a refresh, falling as the p
 
 from __future__ import annotations
 
+from . import _trl  # first: refuses an untested TRL before its internals are touched
+
 import hashlib
 import json
 import math
@@ -51,7 +53,7 @@ from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import GenerationConfig
-from trl.data_utils import _tokenize, is_conversational
+from trl.data_utils import is_conversational
 from trl.distributed import DistributedBackend
 from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
@@ -69,7 +71,7 @@ _TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps"
 
 @dataclass
 class DPOConfig(trl.DPOConfig):
-    """``trl.DPOConfig`` plus the paper's remedies for offline preference data (NOTES §5).
+    """``trl.DPOConfig`` plus the paper's remedies for offline preference data (docs/theory.md#dpo).
 
     ``sft_weight`` adds TRL's ``"sft"`` loss (NLL of the chosen answers); ``resample_every`` turns on the
     sample -> label -> train loop (the trainer then needs ``reward_funcs``). All TRL fields keep their meaning.
@@ -233,7 +235,7 @@ def build_preference_pairs(
             continue
         best = max(scored, key=lambda item: (item[0], -item[1]))  # highest reward, first on ties
         worst = min(scored, key=lambda item: (item[0], item[1]))  # lowest reward, first on ties
-        if best[0] == worst[0] or group[best[1]] == group[worst[1]]:
+        if group[best[1]] == group[worst[1]]:  # equal rewards make best and worst the same (first) completion
             ties += 1
             continue
         pairs.append(
@@ -431,8 +433,8 @@ class DPOTrainer(trl.DPOTrainer):
             top_p=1.0,
             max_new_tokens=args.resample_max_new_tokens,
             num_return_sequences=args.resample_num_completions,
-            pad_token_id=self._tokenizer.pad_token_id,
-            eos_token_id=self.model.generation_config.eos_token_id or self._tokenizer.eos_token_id,
+            pad_token_id=_trl.dpo_tokenizer(self).pad_token_id,
+            eos_token_id=self.model.generation_config.eos_token_id or _trl.dpo_tokenizer(self).eos_token_id,
             bos_token_id=self.model.generation_config.bos_token_id,
         )
 
@@ -459,7 +461,8 @@ class DPOTrainer(trl.DPOTrainer):
         if not self._resampling:
             return super().get_train_dataloader()
         # Only counts steps and epochs (Trainer sizes the run with it); the batches come from get_batch_samples
-        return self.accelerator.prepare(DataLoader(range(len(self.train_dataset)), batch_size=self._train_batch_size))
+        indices = DataLoader(range(len(self.train_dataset)), batch_size=_trl.train_batch_size(self))
+        return self.accelerator.prepare(indices)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         if not self._resampling:
@@ -467,12 +470,12 @@ class DPOTrainer(trl.DPOTrainer):
         step, every = self.state.global_step, self.args.resample_every
         if self._window is None or step // every > self._last_refresh // every:  # steps 0, k, 2k, ...
             self._refresh()
-        metrics = self._metrics["train"]
+        metrics = _trl.metrics(self, "train")
         for key, value in self._window_stats.items():
             metrics[f"resample/{key}"].append(value)
         metrics["resample/age"].append(float(step - self._window_step))
         batches = [self._next_window_batch() for _ in range(num_batches)]
-        return batches, self._get_num_items_in_batch(batches, device)
+        return batches, _trl.num_items_in_batch(self, batches, device)
 
     def _next_window_batch(self) -> dict:
         """This process's slice of the next global batch of the window stream (seeded permutations, end to end)."""
@@ -568,7 +571,7 @@ class DPOTrainer(trl.DPOTrainer):
     def _generate(self, prompts: list[str], seed: int) -> tuple[list[list[str]], list[list[list[int]]]]:
         """``resample_num_completions`` sampled completions (text and token ids) per prompt, from the current
         policy, in left-padded batches. Seeded, so a refresh depends only on the weights and the step."""
-        args, tokenizer = self.args, self._tokenizer
+        args, tokenizer = self.args, _trl.dpo_tokenizer(self)
         n, batch_size = args.resample_num_completions, args.resample_batch_size or args.per_device_train_batch_size
         eos = self._generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
@@ -587,7 +590,7 @@ class DPOTrainer(trl.DPOTrainer):
             try:
                 for start in range(0, len(prompts), batch_size):
                     chunk = prompts[start : start + batch_size]
-                    prompt_ids = [torch.tensor(_tokenize(self.processing_class, p)["input_ids"]) for p in chunk]
+                    prompt_ids = [torch.tensor(_trl.tokenize_prompt(self.processing_class, p)) for p in chunk]
                     input_ids = pad(prompt_ids, padding_value=tokenizer.pad_token_id, padding_side="left").to(device)
                     attention_mask = pad(
                         [torch.ones_like(p) for p in prompt_ids], padding_value=0, padding_side="left"
@@ -642,7 +645,7 @@ class DPOTrainer(trl.DPOTrainer):
         if pairs:
             keys = ("prompt", "chosen", "rejected", "chosen_reward", "rejected_reward")
             fresh = Dataset.from_dict({key: [p[key] for p in pairs] for key in keys})
-            fresh = trl.DPOTrainer._prepare_dataset(self, fresh, self.processing_class, args, "resampled")
+            fresh = _trl.prepare_dpo_dataset(self, fresh, "resampled")
             parts.append(fresh.add_column("resampled", [True] * len(fresh)))
         if args.resample_mix > 0 and self._offline_pairs:
             n_offline = round(args.resample_mix * len(self.train_dataset))
@@ -759,7 +762,7 @@ class DPOTrainer(trl.DPOTrainer):
         log_ratio = log_ratio[torch.isfinite(log_ratio)]
         if log_ratio.numel() == 0:
             return
-        metrics = self._metrics["train"]
+        metrics = _trl.metrics(self, "train")
         metrics["resample/staleness_logratio"].append(log_ratio.mean().item())
         metrics["resample/ess"].append(effective_sample_size(log_ratio).item())
 
@@ -769,7 +772,7 @@ class DPOTrainer(trl.DPOTrainer):
         super()._save_checkpoint(model, trial)
         if not self._resampling or self._window is None or self.args.save_only_model or not self.args.should_save:
             return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        folder = _trl.checkpoint_folder(self, trial)
         os.makedirs(folder, exist_ok=True)
         self._window.save_to_disk(os.path.join(folder, WINDOW_DIR))
         state = {

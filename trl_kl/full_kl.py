@@ -1,6 +1,6 @@
 """Exact per-state KL over the full vocabulary: a thin wrapper over TRL 1.16's chunked divergence kernel.
 
-The paper names three ways to get GRPO's KL right (section 4; NOTES §3): (1) "exact KL over the full
+The paper names three ways to get GRPO's KL right (section 4; docs/theory.md#full-kl): (1) "exact KL over the full
 vocabulary" (costly in memory), (2) strictly on-policy with a large batch, (3) off-policy GRPO with the KL in the
 reward. This module is way (1). At every visited state s_t it computes
 
@@ -8,11 +8,11 @@ reward. This module is way (1). At every visited state s_t it computes
     with p = pi_theta(.|s_t), q = pi_ref(.|s_t)
 
 summed over the whole vocabulary (eq. 42-43, appendix A.1) instead of estimated from the one sampled token
-(k1/k2/k3, NOTES §1). As a loss (``kl_placement='loss'``, NOTES §2; the only sound placement for 'full', see
-``kl.SOUNDNESS``) its gradient is the exact per-state KL gradient, sum_a grad pi(a) log(pi/pi_ref)(a) (appendix
-A.2, eq. 44-49; eq. 22 of section 3.1, "full vocabulary"): even with one sample it is the expectation itself, not
-a Monte-Carlo estimate of it. It is still the gradient of the *per-state* KL, not of the whole-sequence KL
-(NOTES §7).
+(k1/k2/k3, docs/theory.md#estimators). As a loss (``kl_placement='loss'``, docs/theory.md#placement; the only sound
+placement for 'full', see ``kl.SOUNDNESS``) its gradient is the exact per-state KL gradient, sum_a grad pi(a)
+log(pi/pi_ref)(a) (appendix A.2, eq. 44-49; eq. 22 of section 3.1, "full vocabulary"): even with one sample it is
+the expectation itself, not a Monte-Carlo estimate of it. It is still the gradient of the *per-state* KL, not of the
+whole-sequence KL (docs/theory.md#sequence-kl).
 
 Gradient with respect to the policy logits z of one row (p = softmax(z), log q fixed)::
 
@@ -36,71 +36,31 @@ float32, so results agree with a float64 reference to ~1e-6 relative, not 1e-12)
 Tile size and memory. TRL 1.16 fixes the tile at 4096 x 32768 (module constants, read when its forward and its
 backward run). Its working set is two float32 tile buffers plus, in the torch fallback that runs on CPU (and on GPU
 without Triton), the temporaries of ``_stats_tile`` / ``_backward_tile``: about 11 tile-sized tensors live at once
-(measured: ``benchmarks/full_kl_memory.py``). With Triton only the two buffers remain. Either way the working set is
-independent of N once N >= the tile's rows, but relative to one chunk's logits (rows x V) it is 11 x 32768 / V on
-CPU: above the naive computation for V = 32000. ``token_chunk_size`` / ``vocab_chunk_size`` choose the tile:
-``_TiledDivergence`` is TRL's autograd function with the module constants set to them while its forward and its
-backward run (under a lock, restored after), so a vocabulary chunk of about V / 12 keeps the CPU working set within
-1.2 x one chunk's logits (0.92x measured, and no slower on CPU); None keeps TRL's values, the right choice on a GPU
-with Triton and a large vocabulary.
+(``benchmarks/full_kl_memory.py``, docs/performance.md). With Triton only the two buffers remain. Either way the
+working set is independent of N once N >= the tile's rows, but relative to one chunk's logits (rows x V) it is 11 x
+32768 / V on CPU: above the naive computation for V = 32000. ``token_chunk_size`` / ``vocab_chunk_size`` choose the
+tile: ``trl_kl._trl.chunked_divergence`` runs TRL's autograd function with the module constants set to them while
+its forward and its backward run (under a lock, restored after), so a vocabulary chunk of about V / 12 keeps the CPU
+working set within 1.2 x one chunk's logits (docs/performance.md); None keeps TRL's values, the right choice on a
+GPU with Triton and a large vocabulary.
 
-References: the paper is ``shared/paper`` ("Rethinking KL Divergence in RLHF", 2025): section 4's way (1), eq. 22
-(section 3.1), appendix A. "NOTES §N" is ``shared/NOTES.md``.
+References: the paper (Liu, Liu & Liu 2025, "Rethinking KL Divergence in RLHF: From Single Sample to Mini-Batch to
+Expectation"; docs/theory.md#references): section 4's way (1), eq. 22 (section 3.1), appendix A.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from contextlib import contextmanager
 
 import torch
-from trl.kernels import chunked_divergence as _trl_divergence
-from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
-from .kl import full_kl as _naive_full_kl
+from . import _trl
 
-__all__ = ["REVERSE_KL_BETA", "chunked_full_kl", "full_kl_from_logits", "validate_tile_size"]
+__all__ = ["REVERSE_KL_BETA", "chunked_full_kl", "validate_tile_size"]
 
 REVERSE_KL_BETA = 1.0
 """``beta`` of TRL's ``ChunkedDivergenceFunction`` that selects the reverse KL(student || teacher) = KL(pi || pi_ref)
 (0.0 is the forward KL, anything in between the generalized JSD)."""
-
-
-_TILE_LOCK = threading.Lock()
-
-
-@contextmanager
-def _tile_size(token_chunk_size: int | None, vocab_chunk_size: int | None):
-    """TRL's tile constants set to the given sizes (None: left as they are) for the duration, then restored."""
-    if token_chunk_size is None and vocab_chunk_size is None:
-        yield
-        return
-    with _TILE_LOCK:
-        saved = _trl_divergence.TOKEN_CHUNK_SIZE, _trl_divergence.VOCAB_CHUNK_SIZE
-        _trl_divergence.TOKEN_CHUNK_SIZE = token_chunk_size or saved[0]
-        _trl_divergence.VOCAB_CHUNK_SIZE = vocab_chunk_size or saved[1]
-        try:
-            yield
-        finally:
-            _trl_divergence.TOKEN_CHUNK_SIZE, _trl_divergence.VOCAB_CHUNK_SIZE = saved
-
-
-class _TiledDivergence(ChunkedDivergenceFunction):
-    """TRL's ``ChunkedDivergenceFunction`` with the tile size as two extra (last) arguments: TRL reads its tile
-    constants in the forward *and* in the backward, so both run with them set (``_tile_size``)."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        *trl_args, token_chunk_size, vocab_chunk_size = args
-        ctx.tile_size = token_chunk_size, vocab_chunk_size
-        with _tile_size(token_chunk_size, vocab_chunk_size):
-            return ChunkedDivergenceFunction.forward(ctx, *trl_args)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        with _tile_size(*ctx.tile_size):
-            return (*ChunkedDivergenceFunction.backward(ctx, *grads), None, None)
 
 
 def validate_tile_size(token_chunk_size: int | None, vocab_chunk_size: int | None) -> None:
@@ -157,7 +117,8 @@ def chunked_full_kl(
 ) -> torch.Tensor:
     """Exact per-position KL(pi_theta(.|s_t) || pi_ref(.|s_t)) over the full vocabulary, from both models' final
     hidden states and LM heads, without materialising (N, V) logits (the paper's way (1) of section 4, eq. 22,
-    appendix A; NOTES §1-3). Computed by TRL's ``ChunkedDivergenceFunction`` with ``beta=1.0`` (module docstring).
+    appendix A; docs/theory.md#full-kl). Computed by TRL's ``ChunkedDivergenceFunction`` with ``beta=1.0`` (module
+    docstring).
 
     Args:
         hidden: policy final hidden states ``(..., H)`` (e.g. ``(B, T, H)``: the states that predict the completion
@@ -200,47 +161,20 @@ def chunked_full_kl(
     rows = _selected_rows(mask, lead, hidden.device)
     # ref_weight / ref_bias go in as they are (not detached): under ZeRO-3 TRL's kernel must see the Parameter to
     # gather it, and it returns no gradient for the teacher anyway.
-    kl, _entropy = _TiledDivergence.apply(
+    kl, _entropy = _trl.chunked_divergence(
         _select(hidden, rows),
         weight,
         bias,
         _select(ref_hidden.detach(), rows),
         ref_weight,
         ref_bias,
-        REVERSE_KL_BETA,
-        float(temperature),
-        logit_scale,
-        final_logit_softcapping,
-        ref_logit_scale,
-        ref_final_logit_softcapping,
-        token_chunk_size,
-        vocab_chunk_size,
+        beta=REVERSE_KL_BETA,
+        temperature=float(temperature),
+        logit_scale=logit_scale,
+        final_logit_softcapping=final_logit_softcapping,
+        ref_logit_scale=ref_logit_scale,
+        ref_final_logit_softcapping=ref_final_logit_softcapping,
+        token_chunk_size=token_chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
     )
     return _scatter_rows(kl.float(), rows, lead)
-
-
-def full_kl_from_logits(
-    logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Exact per-position KL(pi(.|s) || pi_ref(.|s)) from logits ``(..., V)`` that already exist (section 4's way
-    (1), appendix A): ``kl.full_kl`` on the rows ``mask`` selects, both logits divided by ``temperature``.
-
-    TRL has no logits-based chunked divergence (its kernel starts from hidden states), and once (N, V) logits exist
-    chunking saves little, so this is the naive computation, restricted to the selected rows: masked rows are
-    exactly 0 with zero gradient, NaN/inf there does not leak. ``ref_logits`` is a constant. Returns ``(...)``
-    float32 (float64 kept, like ``kl.full_kl``); gradient ``p (log p - log q - KL) / T`` per row.
-    """
-    _check_temperature(temperature)
-    if logits.shape != ref_logits.shape or logits.dim() < 1:
-        raise ValueError(
-            f"logits and ref_logits must have the same (..., V) shape, got {tuple(logits.shape)} and "
-            f"{tuple(ref_logits.shape)}."
-        )
-    lead = logits.shape[:-1]
-    rows = _selected_rows(mask, lead, logits.device)
-    kl = _naive_full_kl(_select(logits, rows) / temperature, _select(ref_logits.detach(), rows) / temperature)
-    return _scatter_rows(kl, rows, lead)

@@ -9,28 +9,34 @@ value model. At each rollout:
     A_t, R_t = GAE(r, V_old; gamma, lam)                                           (trl_kl.advantages.gae)
 
 then TRL's surrogate trains the policy on A_t, and the critic is trained on the clipped value loss
-against R_t with its own optimizer. See docs/ppo.md for why GRPOTrainer is the base.
+against R_t with its own optimizer. See docs/ppo.md for why GRPOTrainer is the base, and for the migration from
+TRL's former ``PPOConfig`` / ``PPOTrainer``.
 """
 
 from __future__ import annotations
+
+from . import _trl  # first: refuses an untested TRL before its internals are touched
 
 import os
 from dataclasses import dataclass, field
 
 import torch
+import trl
 from transformers import AutoModelForTokenClassification, PreTrainedModel
 
 from . import kl
 from .advantages import gae, masked_whiten
-from .grpo import GRPOConfig, GRPOTrainer
+from .config import KLConfigMixin, check_bool, check_int, check_number
+from .grpo import GRPOTrainer, loss_mask
 
 
 @dataclass
-class PPOConfig(GRPOConfig):
-    """``trl_kl.GRPOConfig`` for PPO: one completion per prompt (``num_generations=1``), a critic, GAE.
-    The KL fields (``beta``, ``kl_estimator``, ``kl_placement``, ``kl_target``, ...) are GRPO's, with the
-    same validation; with ``kl_placement="reward"`` the penalty enters the per-token reward before GAE,
-    which carries it backwards (``kl_reward_scope`` does not apply)."""
+class PPOConfig(KLConfigMixin, trl.GRPOConfig):
+    """``trl.GRPOConfig`` with trl_kl's KL fields (shared with ``GRPOConfig``, same validation) for PPO: one
+    completion per prompt (``num_generations=1``), a critic, GAE. GRPO's group-baseline fields
+    (``kl_reward_scope``, ``clip_std_min``, ``clip_std_max``) are not part of it: with ``kl_placement="reward"``
+    the penalty enters the per-token reward before GAE, which carries it backwards, and the advantages are
+    whitened (``whiten_advantages``)."""
 
     num_generations: int | None = field(
         default=1, metadata={"help": "Completions per prompt. PPO's baseline is the critic, so 1 is the default."}
@@ -53,8 +59,7 @@ class PPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        if self.num_generations is None or self.num_generations < 1:
-            raise ValueError(f"num_generations must be >= 1, got {self.num_generations}.")
+        check_int("num_generations", self.num_generations, at_least=1, why="completions per prompt")
         # TRL's GRPOConfig refuses num_generations < 2 (its group baseline); PPO's baseline is the critic. Its
         # checks run with a stand-in group size that divides every generation batch, then 1 is restored.
         single = self.num_generations == 1
@@ -64,25 +69,21 @@ class PPOConfig(GRPOConfig):
             self.num_generations = self.per_device_train_batch_size
             self.num_generations_eval = self.num_generations_eval or 1
         try:
-            super().__post_init__()
+            super().__post_init__()  # TRL's checks, then the KL fields'
         finally:
             if single:
                 self.num_generations = 1
-        if self.kl_reward_scope != "return_to_go" or self.clip_std_min is not None or self.clip_std_max is not None:
+        check_number("gamma", self.gamma, at_least=0, at_most=1, why="GAE's discount")
+        check_number("lam", self.lam, at_least=0, at_most=1, why="GAE's lambda")
+        check_number("cliprange_value", self.cliprange_value, greater_than=0)
+        check_number("vf_coef", self.vf_coef, at_least=0)
+        check_number("value_learning_rate", self.value_learning_rate, greater_than=0, optional=True)
+        check_bool("whiten_advantages", self.whiten_advantages)
+        if self.loss_type == "vespo":
             raise ValueError(
-                "kl_reward_scope and clip_std_min/clip_std_max are GRPO's (group normalisation, critic-free KL "
-                "carrying); PPO carries the per-token penalty with GAE and whitens its advantages "
-                "(whiten_advantages). Unset them."
+                "loss_type='vespo' weights whole sequences by the sign of their advantage, but PPO's advantages are "
+                "per token (GAE): use another loss_type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo)."
             )
-        for name in ("gamma", "lam"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
-        if self.cliprange_value <= 0:
-            raise ValueError(f"cliprange_value must be > 0, got {self.cliprange_value}.")
-        if self.vf_coef < 0:
-            raise ValueError(f"vf_coef must be >= 0, got {self.vf_coef}.")
-        if self.value_learning_rate is not None and self.value_learning_rate <= 0:
-            raise ValueError(f"value_learning_rate must be > 0, got {self.value_learning_rate}.")
 
 
 def value_loss(
@@ -112,44 +113,120 @@ def token_rewards(scores: torch.Tensor, penalty: torch.Tensor | None, mask: torc
 class PPOTrainer(GRPOTrainer):
     """PPO with a critic and GAE on TRL's rollout machinery (see the module docstring).
 
-    ``value_model``: an ``AutoModelForTokenClassification``-style model with one label, or None to build
-    one from ``args.value_model_name_or_path`` (default: the policy's checkpoint)."""
+    The arguments are ``trl.GRPOTrainer``'s, in its order (``model, reward_funcs, args, train_dataset,
+    eval_dataset, processing_class, ...``), plus, by keyword:
 
-    def __init__(self, model, reward_funcs, args: PPOConfig | None = None, value_model: PreTrainedModel | None = None, **kwargs):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = PPOConfig(f"{name.split('/')[-1]}-PPO")
-        if not isinstance(args, PPOConfig):
-            raise TypeError("trl_kl.PPOTrainer needs a trl_kl.PPOConfig.")
-        super().__init__(model, reward_funcs, args, **kwargs)
+    * ``value_model``: an ``AutoModelForTokenClassification``-style model with one label, or None to build one
+      from ``args.value_model_name_or_path`` (default: the policy's checkpoint);
+    * ``reward_model``: TRL's former ``PPOTrainer`` argument, a sequence-classification reward model or its path
+      or hub id. It is scored exactly as a reward model in ``reward_funcs`` is (it is appended to them), so
+      ``reward_funcs`` may be left out.
+
+    The reference is the initial policy (or, with PEFT, the policy with its adapter disabled), loaded as TRL's
+    GRPOTrainer loads it, so the former ``ref_model`` argument is refused. docs/ppo.md maps the former API onto
+    this one."""
+
+    _config_class = PPOConfig
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: PPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *trl_args,
+        value_model: PreTrainedModel | None = None,
+        reward_model=None,
+        ref_model=None,
+        **trl_kwargs,
+    ):
+        if isinstance(model, trl.GRPOConfig):
+            raise TypeError(
+                "trl_kl.PPOTrainer takes TRL's trainer order, model first: PPOTrainer(model, reward_funcs, args, "
+                "train_dataset, ...), with value_model=, reward_model= and processing_class= by keyword (TRL's former "
+                "PPOTrainer took args first; see docs/ppo.md)."
+            )
+        if ref_model is not None:
+            raise ValueError(
+                "trl_kl.PPOTrainer takes no ref_model: the reference is the initial policy, loaded from `model` as "
+                "trl.GRPOTrainer loads it (with PEFT: the policy with its adapter disabled). Drop ref_model."
+            )
+        reward_funcs = self._with_reward_model(reward_funcs, reward_model)
+        super().__init__(
+            model, reward_funcs, args, train_dataset, eval_dataset, processing_class, *trl_args, **trl_kwargs
+        )
         if value_model is None:
-            source = args.value_model_name_or_path or self.model.config._name_or_path
+            source = self.args.value_model_name_or_path or self.model.config._name_or_path
             value_model = AutoModelForTokenClassification.from_pretrained(source, num_labels=1)
         self.value_model = self.accelerator.prepare_model(value_model)
         self.value_optimizer = torch.optim.AdamW(
-            self.value_model.parameters(), lr=args.value_learning_rate or args.learning_rate
+            self.value_model.parameters(), lr=self.args.value_learning_rate or self.args.learning_rate
         )
 
-    # ---- rollout: per-token rewards, GAE -----------------------------------------------------------
+    @staticmethod
+    def _with_reward_model(reward_funcs, reward_model) -> list:
+        """GRPO's ``reward_funcs`` list, with ``reward_model`` (TRL's former argument) appended: a model object or a
+        path / hub id, which ``trl.GRPOTrainer`` loads and scores as it does any reward model."""
+        if reward_funcs is None:
+            funcs = []
+        elif isinstance(reward_funcs, (list, tuple)):
+            funcs = list(reward_funcs)
+        else:
+            funcs = [reward_funcs]
+        if reward_model is not None:
+            funcs.append(reward_model)
+        if not funcs:
+            raise ValueError(
+                "trl_kl.PPOTrainer needs a reward: pass reward_model= (a sequence-classification model, or its path or "
+                "hub id) or reward_funcs= (reward functions and/or reward models, as for trl.GRPOTrainer)."
+            )
+        return funcs
 
-    @property
-    def _penalty_shapes_advantages_in_loss(self) -> bool:
-        return False  # PPO puts the penalty into the per-token reward at rollout, and GAE carries it
+    # ---- rollout: per-token rewards, GAE -----------------------------------------------------------
 
     def _values(self, input_ids, attention_mask, logits_to_keep) -> torch.Tensor:
         """V(s_t) for each completion token t: the head's output at the position that predicts token t."""
         values = self.value_model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
         return values[:, -logits_to_keep - 1 : -1]
 
+    def _rollout_penalty(self, output: dict) -> torch.Tensor:
+        """Per-token KL penalty of the rollout, for the sampling policy (eq. 20/35), ``(B, T)``: it enters the
+        per-token rewards before GAE. Stores the sampling log-probs in ``output`` when TRL did not compute them
+        (on-policy; then the loss's importance ratio uses them too)."""
+        if output.get("old_per_token_logps") is None:
+            output["old_per_token_logps"] = self._sampling_logps(output)
+        settings = self.kl_settings
+        return kl.reward_penalty(
+            settings.estimator, output["old_per_token_logps"], output["ref_per_token_logps"], settings.k3_clip_max
+        )
+
+    @torch.no_grad()
+    def _sampling_logps(self, output) -> torch.Tensor:
+        """Log-probs of the sampling policy when TRL did not compute them (on-policy): one no-grad forward, which
+        PPO needs because its per-token rewards carry the penalty before GAE, at rollout time."""
+        if "pixel_values" in output:
+            raise NotImplementedError(
+                "PPO with the KL in the reward, on-policy, is not supported for vision-language models."
+            )
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        batch_size = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            self.model, input_ids, attention_mask, output["completion_ids"].size(1), batch_size=batch_size
+        )
+        return logps
+
     def _advantages(self, output: dict, rewards: torch.Tensor) -> torch.Tensor:
-        mask = self._loss_mask(output).float()
+        mask = loss_mask(output).float()
         scores = rewards[self._process_slice(output)]
-        penalty = self._rollout_penalty(output) if self._kl_in_reward else None
+        penalty = self._rollout_penalty(output) if self._kl_on and self.kl_settings.in_reward else None
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         with torch.no_grad():
             old_values = self._values(input_ids, attention_mask, output["completion_ids"].size(1))
-        per_token_rewards = token_rewards(scores, penalty, mask, self.beta)
+        per_token_rewards = token_rewards(scores, penalty, mask, self.kl_coef)
         advantages, returns = gae(per_token_rewards, old_values, mask, self.args.gamma, self.args.lam)
         if self.args.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
@@ -163,7 +240,7 @@ class PPOTrainer(GRPOTrainer):
             sequence={
                 "objective/scores": finite,
                 "objective/kl": sequence_kl,
-                "objective/rlhf_reward": finite - self.beta * sequence_kl,
+                "objective/rlhf_reward": finite - self.kl_coef * sequence_kl,
             },
         )
         return advantages
@@ -173,17 +250,19 @@ class PPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         loss = super()._compute_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
+        metrics = _trl.metrics(self, mode)
+        # TRL divides the loss by the gradient accumulation; the logged value is the micro-batch's own
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        self._metrics[mode]["loss/policy_avg"].append(self.accelerator.gather(loss.detach()).mean().item() * accumulation)
-        if "clip_ratio/region_mean" in self._metrics[mode]:
-            self._metrics[mode]["policy/clipfrac_avg"].append(self._metrics[mode]["clip_ratio/region_mean"][-1])
+        metrics["loss/policy_avg"].append(self.accelerator.gather(loss.detach()).mean().item() * accumulation)
+        if "clip_ratio/region_mean" in metrics:
+            metrics["policy/clipfrac_avg"].append(metrics["clip_ratio/region_mean"][-1])
         self._critic_step(inputs, mode)
         return loss
 
     def _critic_step(self, inputs: dict, mode: str):
         """Value loss on this micro-batch; backward into the critic (its own graph and optimizer), scaled for
         gradient accumulation like TRL's policy loss. The optimizer steps when the policy's does."""
-        mask = self._loss_mask(inputs).float()
+        mask = loss_mask(inputs).float()
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         with torch.set_grad_enabled(mode == "train"):
@@ -191,8 +270,9 @@ class PPOTrainer(GRPOTrainer):
             loss, clip_frac = value_loss(values, inputs["old_values"], inputs["returns"], mask, self.args.cliprange_value)
             if mode == "train":
                 (self.args.vf_coef * loss / self.current_gradient_accumulation_steps).backward()
-        self._metrics[mode]["loss/value_avg"].append(self.accelerator.gather(loss.detach()).mean().item())
-        self._metrics[mode]["val/clipfrac_avg"].append(self.accelerator.gather(clip_frac).mean().item())
+        metrics = _trl.metrics(self, mode)
+        metrics["loss/value_avg"].append(self.accelerator.gather(loss.detach()).mean().item())
+        metrics["val/clipfrac_avg"].append(self.accelerator.gather(clip_frac).mean().item())
 
     def _end_of_optimizer_step(self):
         super()._end_of_optimizer_step()
@@ -205,7 +285,7 @@ class PPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        folder = _trl.checkpoint_folder(self, trial)
         if self.args.should_save:
             self.accelerator.unwrap_model(self.value_model).save_pretrained(os.path.join(folder, "value_model"))
             if not self.args.save_only_model:
