@@ -1,4 +1,4 @@
-"""Drop-in ``DPOConfig`` / ``DPOTrainer``: DPO under the Monte-Carlo condition (NOTES §5, paper section 5).
+"""Drop-in ``DPOConfig`` / ``DPOTrainer``: DPO under the Monte-Carlo condition (docs/theory.md#dpo, the paper's section 5).
 
 ``from trl_kl import DPOConfig, DPOTrainer`` instead of ``from trl import ...``. DPO fits a distribution from
 samples, which is sound only while the samples come from (close to) the current policy. Offline preference
@@ -79,7 +79,7 @@ _TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps"
 
 @dataclass
 class DPOConfig(trl.DPOConfig):
-    """``trl.DPOConfig`` plus the paper's remedies for offline preference data (NOTES §5).
+    """``trl.DPOConfig`` plus the paper's remedies for offline preference data (docs/theory.md#dpo).
 
     ``sft_weight`` adds TRL's ``"sft"`` loss (NLL of the chosen answers); ``resample_every`` turns on the
     sample -> label -> train loop (the trainer then needs ``reward_funcs``). All TRL fields keep their meaning.
