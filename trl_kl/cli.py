@@ -1,12 +1,11 @@
 """``trl-kl grpo|ppo|dpo``: TRL's command line (``trl grpo``, ``trl dpo``) for trl_kl's trainers.
 
     trl-kl grpo --config grpo_offpolicy                          # a shipped recipe (recipes/), the offline toy
-    trl-kl grpo --config my.yaml --kl_estimator k2 --kl_placement loss --num_processes 8      # + accelerate flags
     trl-kl grpo --help                                           # every field of trl_kl.GRPOConfig, ModelConfig, ...
 
-As ``trl grpo`` does, the command parses its arguments (``--config`` YAML, then flags; an error or ``--help`` stops
-here), then starts the training script through ``accelerate launch``: the arguments no dataclass knows
-(``--num_processes 8``, ``--config_file x.yaml``, ``--accelerate_config NAME``) are accelerate's. ``--config`` and
+As ``trl grpo`` does, the command parses its arguments (``--config`` YAML, then flags such as ``--kl_estimator k2``;
+an error or ``--help`` stops here), then starts the training script through ``accelerate launch``: the arguments
+no dataclass knows (``--num_processes 8``, ``--config_file x.yaml``, ``--accelerate_config NAME``) are accelerate's. ``--config`` and
 ``--accelerate_config`` also take the name of a YAML shipped with trl_kl (``recipes/``, ``recipes/accelerate/``);
 ``--accelerate_config`` then falls back to TRL's own (``multi_gpu``, ``zero2``, ...).
 
@@ -98,6 +97,7 @@ def launch(command: str, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``trl-kl`` console command: ``trl-kl grpo|ppo|dpo [flags]``."""
     # transformers 5 renaming gradient_checkpointing inside TRL's configs: not the user's to fix, and it is printed
     # once per process and parse
     warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)

@@ -2,7 +2,6 @@
 term and online resampling, whose completions ``--reward_funcs`` label.
 
     trl-kl dpo --config dpo_online                            # a shipped recipe: the offline toy model and task
-    trl-kl dpo --config dpo_online --resample_every null --sft_weight 0                    # offline DPO
 """
 
 from __future__ import annotations

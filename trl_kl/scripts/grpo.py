@@ -1,8 +1,6 @@
 """``trl-kl grpo``: TRL's GRPO script (``trl/scripts/grpo.py``) with ``trl_kl.GRPOConfig`` / ``GRPOTrainer``.
 
     trl-kl grpo --config grpo_offpolicy                       # a shipped recipe: the offline toy model and task
-    trl-kl grpo --config my.yaml --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name data.jsonl \\
-        --reward_funcs my_rewards.correct --kl_estimator k1 --beta 0.04
 """
 
 from __future__ import annotations
