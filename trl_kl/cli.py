@@ -92,8 +92,11 @@ def launch(command: str, argv: list[str]) -> None:
     )
     launch_args = _accelerate_config_argument(config_remaining + cli_remaining) or _single_process_defaults()
     training_args = _subtract_subsequence(argv, cli_remaining)
-    os.environ[LAUNCHED_BY_TRL_KL] = "1"
-    launch_command(launch_command_parser().parse_args([*launch_args, "-m", "trl_kl.cli", command, *training_args]))
+    os.environ[LAUNCHED_BY_TRL_KL] = "1"  # inherited by the launched processes
+    try:
+        launch_command(launch_command_parser().parse_args([*launch_args, "-m", "trl_kl.cli", command, *training_args]))
+    finally:
+        del os.environ[LAUNCHED_BY_TRL_KL]
 
 
 def main(argv: list[str] | None = None) -> int:
