@@ -29,8 +29,9 @@ The convention for shell commands (every page follows it; the tests below enforc
 ``trl-kl`` is the console script of ``pip install -e .``; where the interpreter running the tests has none (a
 source checkout on PYTHONPATH), the tests put an equivalent ``python -m trl_kl.cli`` shim on PATH.
 
-Time (2 shared CPU cores): the fast tier (parsing, classification, api.md) takes ~10 s; the slow tier runs 13
-commands in ~5 min (the two benchmark smoke tests ~1 min each, each toy recipe 20-45 s, the demo ~25 s).
+Time, measured on the 2 shared (busy) CPU cores of the development machine: the convention and API checks ~8 s,
+the runnable Python blocks ~45 s; the slow tier runs 12 commands in 6 min wall clock, 2.5 CPU-minutes (the
+benchmarks' two smoke tests ~1 min each, each toy recipe 15-45 s, the demo ~30 s).
 """
 
 import dataclasses
