@@ -49,19 +49,20 @@ def run(command: str, argv: list[str]):
     script = _script(command)
     parser = script.make_parser(prog=f"trl-kl {command}")
     launched_by_us = os.environ.get(LAUNCHED_BY_TRL_KL) == "1"  # else an unknown YAML key is an error
-    return script.main(*parser.parse_args_and_config(resolve_config_argument(argv), fail_with_unknown_args=not launched_by_us))
+    parsed = parser.parse_args_and_config(resolve_config_argument(argv), fail_with_unknown_args=not launched_by_us)
+    return script.main(*parsed)
 
 
 def _accelerate_config_argument(launch_args: list[str]) -> list[str]:
-    """``--accelerate_config NAME``: a file, one of trl_kl's ``recipes/accelerate/NAME.yaml``, else TRL's NAME."""
+    """``--accelerate_config NAME``: a file, else trl_kl's ``recipes/accelerate/NAME.yaml``, else TRL's own NAME."""
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
     from trl_kl.scripts import SHIPPED_RECIPES
 
-    if "--accelerate_config" in launch_args:
+    if "--accelerate_config" in launch_args[:-1]:
         index = launch_args.index("--accelerate_config") + 1
-        shipped = SHIPPED_RECIPES / "accelerate" / f"{launch_args[index] if index < len(launch_args) else ''}.yaml"
-        if index < len(launch_args) and not Path(launch_args[index]).is_file() and shipped.is_file():
+        shipped = SHIPPED_RECIPES / "accelerate" / f"{launch_args[index]}.yaml"
+        if not Path(launch_args[index]).is_file() and shipped.is_file():
             launch_args = [*launch_args[:index], str(shipped), *launch_args[index + 1 :]]
     return resolve_accelerate_config_argument(launch_args)
 
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     # once per process and parse
     warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = ArgumentParser(prog="trl-kl", description="TRL's command line (trl grpo, trl dpo) for trl_kl's trainers.", allow_abbrev=False)
+    description = "TRL's command line (trl grpo, trl dpo) for trl_kl's trainers."
+    parser = ArgumentParser(prog="trl-kl", description=description, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", help="available commands")
     for name, help_text in COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)
