@@ -13,6 +13,7 @@ import datasets
 import pytest
 import yaml
 from distributed_run import torchrun
+from test_dpo_rewards import reward_model_path  # noqa: F401  (a fixture: the toy with a one-label head)
 
 from trl_kl import cli, scripts
 from trl_kl.scripts import dpo as dpo_script
@@ -161,6 +162,22 @@ def test_reward_funcs_resolve_like_trl_plus_models_and_import_paths(tmp_path):
         scripts.reward_function("accuracy")
     script_args = grpo_script.GRPOScriptArguments(reward_model_name_or_path="rm", reward_funcs=["think_format_reward"])
     assert scripts.reward_functions(script_args) == ["rm", trl.rewards.think_format_reward]
+
+
+@pytest.mark.parametrize("command", ["grpo", "dpo"])
+def test_a_reward_model_path_reaches_the_trainer_as_a_model(command, reward_model_path, tmp_path):  # noqa: F811
+    """``--reward_funcs <reward model folder> <import path>``: the trainer gets the loaded model, then the function."""
+    from transformers import PreTrainedModel
+
+    from trl_kl import toy
+
+    config = "grpo_offpolicy" if command == "grpo" else "dpo_online"
+    argv = ["--config", config, "--output_dir", str(tmp_path), "--reward_funcs", reward_model_path,
+            "trl_kl.toy.closeness_reward"]
+    trainer = SCRIPTS[command].build_trainer(*_parse(command, argv))
+    first, second = trainer.reward_funcs
+    assert isinstance(trainer.accelerator.unwrap_model(first), PreTrainedModel) and first.config.num_labels == 1
+    assert second is toy.closeness_reward
 
 
 def test_dataset_name_takes_local_files_folders_and_the_toy(tmp_path):

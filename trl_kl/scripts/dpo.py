@@ -43,13 +43,13 @@ def make_parser(prog: str | None = None):
     return make_trl_parser(DPOScriptArguments, DPOConfig, prog)
 
 
-def main(script_args, training_args, model_args, dataset_args):
+def build_trainer(script_args, training_args, model_args, dataset_args):
+    """The trainer ``trl-kl dpo`` trains."""
     import torch
     from trl import get_peft_config, get_quantization_config
 
     from trl_kl import DPOTrainer
 
-    announce_device(training_args)
     set_model_init_kwargs(training_args, model_args)
     dataset = load_datasets(script_args, dataset_args, training_args.seed, toy_split)
     trainer = DPOTrainer(
@@ -65,5 +65,11 @@ def main(script_args, training_args, model_args, dataset_args):
         trainer.model._ddp_params_and_buffers_to_ignore = [
             name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
         ]
+    return trainer
+
+
+def main(script_args, training_args, model_args, dataset_args):
+    announce_device(training_args)
+    trainer = build_trainer(script_args, training_args, model_args, dataset_args)
     train_and_save(trainer, training_args, model_args)
     return trainer
