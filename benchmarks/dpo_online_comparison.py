@@ -5,7 +5,7 @@
 
 Every variant starts from the same warm-started toy policy (``trl_kl.toy``) and trains the same number of
 optimizer steps on batches of the same number of pairs, with the same learning rate and beta, from the same
-offline preference data (``recipes/dpo_online.py``'s ``offline_preferences``: chosen = the correct sum,
+offline preference data (``trl_kl.toy.offline_preferences``: chosen = the correct sum,
 rejected = a uniformly drawn wrong number, i.e. data unlike the policy's own mistakes). Resampling variants
 replace that data every ``--resample-every`` steps by best-vs-worst pairs of 4 completions of the policy per
 prompt, labelled by ``correctness_reward + closeness_reward``; their extra cost is generation, visible in the
@@ -16,7 +16,6 @@ with ``toy.evaluate``. About 2 minutes of CPU (one thread); 4 minutes wall on a 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -44,20 +43,12 @@ VARIANTS = {
 }
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("dpo_online", ROOT / "recipes" / "dpo_online.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(variant: dict, seed: int, args, workdir: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 
     from trl_kl import DPOConfig, DPOTrainer, toy
 
-    recipe = _recipe()
     fields = {key: getattr(args, key) if value == DEFAULT else value for key, value in variant.items()}
     if fields.get("resample_mix") == HALF:
         fields["resample_mix"] = fields["resample_every"] * args.batch_size / args.train_size
@@ -89,7 +80,7 @@ def run(variant: dict, seed: int, args, workdir: str) -> dict:
         trainer = DPOTrainer(
             model=model,
             args=config,
-            train_dataset=recipe.offline_preferences(args.train_size, seed=seed),
+            train_dataset=toy.offline_preferences(args.train_size, seed=seed),
             processing_class=tokenizer,
             reward_funcs=[toy.correctness_reward, toy.closeness_reward] if config.resample_every else None,
         )

@@ -294,10 +294,11 @@ def dpo_tokenizer(trainer):
     return trainer._tokenizer
 
 
-def tokenize_prompt(processing_class, prompt) -> list[int]:
-    """A prompt's token ids as TRL's dataset preparation makes them: the chat template for a conversation, the
-    tokenizer alone for a string, no special tokens added (entry 16)."""
-    return _tokenize(processing_class, prompt)["input_ids"]
+def tokenize_prompt(processing_class, prompt, **template_kwargs) -> list[int]:
+    """A prompt's token ids as TRL's dataset preparation makes them: the chat template for a conversation (with
+    ``template_kwargs``, e.g. ``add_generation_prompt=True``), the tokenizer alone for a string, no special tokens
+    added (entry 16)."""
+    return _tokenize(processing_class, prompt, **template_kwargs)["input_ids"]
 
 
 def prepare_dpo_dataset(trainer, dataset, dataset_name: str):

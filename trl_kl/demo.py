@@ -3,11 +3,12 @@
     python -m trl_kl.demo [--output_dir outputs/demo] [--max_steps 120] [--seed 0]
 
 Trains the toy addition policy (``trl_kl.toy``, built and warm-started locally, no download) with
-``trl_kl.GRPOTrainer``: k1 in the per-token reward carried as return-to-go (NOTES §7), each rollout reused
-for ``num_iterations`` optimisation passes split over ``steps_per_generation`` steps (off-policy, eq. 39),
-clip_std on the group normalisation (eq. 41). Prints the KL and importance-sampling metrics per step (the
-rollout's reward on the steps that generate), then writes
-``metrics.json`` and ``training.png`` (reward and KL over steps) into ``--output_dir``.
+``trl_kl.GRPOTrainer``: k1 in the per-token reward carried as return-to-go (docs/theory.md#sequence-kl), each
+rollout reused for ``num_iterations`` optimisation passes split over ``steps_per_generation`` steps (off-policy,
+eq. 39), clip_std on the group normalisation (eq. 41). Shows a progress bar with one compact line per step above
+it (the rollout's reward on the steps that generate, the sequence KL, the importance-sampling ESS and clip
+fraction), then writes ``metrics.json`` and ``training.png`` (reward and KL over steps) into ``--output_dir``
+and ends with a summary: held-out correctness before -> after.
 """
 
 from __future__ import annotations
@@ -18,26 +19,48 @@ import os
 import warnings
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback, TrainerCallback
+from transformers.utils import logging as transformers_logging
 
 from . import toy
 from .grpo import GRPOConfig, GRPOTrainer
 
-PRINTED_KEYS = ("reward", "kl/seq_kl", "is/ess", "is/clip_frac")
+COLUMNS = (("reward", "reward", "{:.3f}"), ("kl/seq_kl", "seq KL", "{:.4f}"), ("is/ess", "IS ESS", "{:.3f}"),
+           ("is/clip_frac", "clip", "{:.3f}"))
+"""(log key, label, format) of the line printed per step; blank where a step has no value (the reward is the
+rollout's: logged only on the steps that generate, since one rollout feeds several steps off-policy)."""
 
 
-class _PrintAndRecord(TrainerCallback):
-    """Keeps the training logs and prints one line per optimizer step (the rollout's ``reward`` only on the steps
-    that generate: off-policy, one rollout feeds several steps)."""
+def step_line(step: int, max_steps: int, logs: dict) -> str:
+    """One compact line, e.g. ``step   5/120  reward 0.681  seq KL 0.0012  IS ESS 0.781  clip 0.248``."""
+    fields = []
+    for key, label, number in COLUMNS:
+        text = f"{label} {number.format(logs[key])}" if key in logs else ""
+        fields.append(f"{text:<{len(label) + 1 + len(number.format(0.0))}}")
+    return f"step {step:>{len(str(max_steps))}}/{max_steps}  " + "  ".join(fields).rstrip()
+
+
+class _ProgressAndRecord(TrainerCallback):
+    """A progress bar over the optimizer steps, one ``step_line`` per logged step above it; keeps the logs."""
 
     def __init__(self):
         self.rows: list[dict] = []
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc="training", unit="step", leave=False, dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.rows.append({"step": state.global_step, **logs})
-            values = "  ".join(f"{k}={logs[k]:.4f}" for k in PRINTED_KEYS if k in logs)
-            print(f"step {state.global_step:3d}  {values}", flush=True)
+            self.bar.write(step_line(state.global_step, state.max_steps, logs))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
 
 
 def demo_config(output_dir: str, max_steps: int, seed: int, **overrides) -> GRPOConfig:
@@ -103,8 +126,9 @@ def run(output_dir: str = "outputs/demo", max_steps: int = 120, seed: int = 0, *
     def held_out_scores(model):
         return toy.evaluate(model, tokenizer, held_out, num_samples=4, temperature=1.0, seed=seed)
 
+    transformers_logging.disable_progress_bar()  # the bar of each checkpoint load: not what a reader watches
     before = held_out_scores(AutoModelForCausalLM.from_pretrained(model_path))
-    recorder = _PrintAndRecord()
+    recorder = _ProgressAndRecord()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         trainer = GRPOTrainer(
@@ -115,6 +139,8 @@ def run(output_dir: str = "outputs/demo", max_steps: int = 120, seed: int = 0, *
             processing_class=tokenizer,
             callbacks=[recorder],
         )
+        for printer in (ProgressCallback, PrinterCallback):  # transformers' own bar and log dicts: ours replace them
+            trainer.remove_callback(printer)
         trainer.train()
     after = held_out_scores(trainer.model)
     metrics = {
@@ -129,8 +155,10 @@ def run(output_dir: str = "outputs/demo", max_steps: int = 120, seed: int = 0, *
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot(recorder.rows, out / "training.png")
     print(
-        f"held-out correctness (sampled, T=1): {before['correctness']:.3f} -> {after['correctness']:.3f}; "
-        f"final sequence KL {metrics['final_seq_kl']:.4f}\nwrote {out / 'metrics.json'} and {out / 'training.png'}"
+        f"wrote {out / 'metrics.json'} and {out / 'training.png'}\n"
+        f"held-out correctness (sampled, T=1): {before['correctness']:.3f} -> {after['correctness']:.3f} after "
+        f"{max_steps} steps; final sequence KL {metrics['final_seq_kl']:.4f}",
+        flush=True,
     )
     return metrics
 

@@ -1,4 +1,4 @@
-"""Drop-in ``DPOConfig`` / ``DPOTrainer``: DPO under the Monte-Carlo condition (docs/theory.md#dpo, paper section 5).
+"""Drop-in ``DPOConfig`` / ``DPOTrainer``: DPO under the Monte-Carlo condition (docs/theory.md#dpo, the paper's section 5).
 
 ``from trl_kl import DPOConfig, DPOTrainer`` instead of ``from trl import ...``. DPO fits a distribution from
 samples, which is sound only while the samples come from (close to) the current policy. Offline preference
@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from . import _trl  # first: refuses an untested TRL before its internals are touched
 
+import asyncio
+import atexit
 import hashlib
 import json
 import math
@@ -52,13 +54,21 @@ import trl
 from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
-from transformers import GenerationConfig
-from trl.data_utils import is_conversational
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig, PreTrainedModel
+from trl.data_utils import apply_chat_template, is_conversational
 from trl.distributed import DistributedBackend
 from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import pad
+from trl.models import prepare_deepspeed
+from trl.trainer.utils import (
+    get_callable_name,
+    get_config_model_id,
+    is_async_callable,
+    pad,
+    shutdown_event_loop_in_daemon,
+    start_event_loop_in_daemon,
+)
 
 from .advantages import effective_sample_size
 
@@ -128,6 +138,13 @@ class DPOConfig(trl.DPOConfig):
             "round(resample_mix x number of offline pairs) of them, redrawn at each refresh. 0: fresh pairs only."
         },
     )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "With resample_every: weights of the reward functions and models, in the order of reward_funcs (GRPO's "
+            "field). A completion's label is their weighted sum over the rewards that are not None; None: all weights 1."
+        },
+    )
     resample_update_reference: bool = field(
         default=False,
         metadata={
@@ -193,8 +210,12 @@ class DPOConfig(trl.DPOConfig):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}.")
+        if self.reward_weights is not None and not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in self.reward_weights
+        ):
+            raise ValueError(f"reward_weights must be finite numbers, one per reward function, got {self.reward_weights!r}.")
         if every is None:
-            for name, default in (("resample_mix", 0.0), ("resample_update_reference", False)):
+            for name, default in (("resample_mix", 0.0), ("resample_update_reference", False), ("reward_weights", None)):
                 if getattr(self, name) != default:
                     raise ValueError(
                         f"{name}={getattr(self, name)!r} only acts at a refresh: set resample_every (e.g. 8) or leave "
@@ -271,9 +292,14 @@ def _seed(*parts) -> int:
 class DPOTrainer(trl.DPOTrainer):
     """``trl.DPOTrainer`` with the SFT term and the resampling loop of ``trl_kl.DPOConfig`` (module docstring).
 
-    ``reward_funcs``: callables with TRL's reward-function signature ``f(prompts=..., completions=...,
-    completion_ids=..., **dataset_columns) -> list[float]`` (``None`` entries mean unscorable), summed. Required
-    with ``resample_every``; they label the freshly sampled completions.
+    ``reward_funcs``: what ``trl.GRPOTrainer`` takes, labelling the freshly sampled completions (required with
+    ``resample_every``): functions with TRL's reward-function signature ``f(prompts=..., completions=...,
+    completion_ids=..., trainer_state=..., **dataset_columns) -> list[float | None]`` (sync or async; ``None``
+    means unscorable), reward models (``PreTrainedModel`` with a one-label sequence-classification head, or its
+    hub id or local path, loaded as GRPO does) and lists of these, weighted by ``args.reward_weights``.
+    ``reward_processing_classes``: the reward models' tokenizers, as in GRPO (default: loaded from each model's
+    name). Conversational prompts are generated from with the chat template and the completions handed to the
+    rewards as ``[{"role": "assistant", "content": ...}]``, as in GRPO.
     """
 
     def __init__(
@@ -290,7 +316,8 @@ class DPOTrainer(trl.DPOTrainer):
         optimizers=(None, None),
         quantization_config=None,
         peft_config=None,
-        reward_funcs: Callable | list[Callable] | None = None,
+        reward_funcs: Callable | PreTrainedModel | str | list | None = None,
+        reward_processing_classes=None,
     ):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
@@ -301,6 +328,7 @@ class DPOTrainer(trl.DPOTrainer):
                 "`from trl import DPOConfig` by `from trl_kl import DPOConfig`."
             )
         self.reward_funcs = self._check_reward_funcs(reward_funcs, args)
+        self.reward_processing_classes = self._reward_tokenizers(reward_processing_classes, args)
         self._resampling = args.resample_every is not None
         if self._resampling:
             self._check_resampling_dataset(train_dataset, args)
@@ -332,32 +360,67 @@ class DPOTrainer(trl.DPOTrainer):
     # ---- setup ------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _check_reward_funcs(reward_funcs, args: DPOConfig) -> list[Callable]:
-        if reward_funcs is None:
-            funcs = []
-        elif callable(reward_funcs) and not isinstance(reward_funcs, torch.nn.Module):
-            funcs = [reward_funcs]
-        else:
-            funcs = list(reward_funcs)
-        for func in funcs:
-            if isinstance(func, (str, torch.nn.Module)) or not callable(func):
-                raise TypeError(
-                    "reward_funcs must be Python callables f(prompts=..., completions=..., **dataset_columns) -> "
-                    f"list[float] (TRL's reward-function signature); got {func!r}. Wrap a reward model in such a "
-                    "function."
-                )
+    def _check_reward_funcs(reward_funcs, args: DPOConfig) -> list:
+        """The reward functions and models as a list, models given by name loaded as ``trl.GRPOTrainer`` loads them."""
+        funcs = [] if reward_funcs is None else list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if args.resample_every is not None and not funcs:
             raise ValueError(
                 f"resample_every={args.resample_every} samples fresh completions that must be labelled: pass "
-                "reward_funcs=[...] to the trainer (TRL reward functions, as for GRPO), or set resample_every=None for "
-                "offline DPO."
+                "reward_funcs=[...] to the trainer (TRL reward functions or reward models, as for GRPO), or set "
+                "resample_every=None for offline DPO."
             )
         if args.resample_every is None and funcs:
             raise ValueError(
                 "reward_funcs only label resampled completions, and resample_every is None (offline DPO): set "
                 "resample_every, or drop reward_funcs."
             )
+        for i, func in enumerate(funcs):
+            if isinstance(func, str):
+                model_init_kwargs = dict(args.model_init_kwargs or {})
+                model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+                if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+                    model_init_kwargs["device_map"] = None  # as GRPO: "auto" fails under DDP / DeepSpeed
+                funcs[i] = AutoModelForSequenceClassification.from_pretrained(func, num_labels=1, **model_init_kwargs)
+            elif isinstance(func, torch.nn.Module) and not isinstance(func, PreTrainedModel):
+                raise TypeError(
+                    f"reward_funcs[{i}] is a torch module but not a transformers PreTrainedModel: a reward model must be "
+                    "a sequence-classification model with one label (e.g. AutoModelForSequenceClassification, "
+                    "num_labels=1), as for GRPO; wrap anything else in a reward function."
+                )
+            elif not callable(func):
+                raise TypeError(
+                    f"reward_funcs[{i}] = {func!r}: expected a reward function f(prompts=..., completions=..., "
+                    "**dataset_columns) -> list[float], a reward model, or a reward model's hub id or local path."
+                )
+        if args.reward_weights is not None and len(args.reward_weights) != len(funcs):
+            raise ValueError(
+                f"reward_weights has {len(args.reward_weights)} weights for {len(funcs)} reward functions: give one per "
+                "reward function, in order."
+            )
         return funcs
+
+    def _reward_tokenizers(self, reward_processing_classes, args: DPOConfig) -> list:
+        """One entry per reward: the reward model's tokenizer (given, or loaded from its name as GRPO does; pad token
+        set, since the model reads the last non-pad token), None for reward functions."""
+        given = reward_processing_classes
+        given = [None] * len(self.reward_funcs) if given is None else given if isinstance(given, list) else [given]
+        if len(given) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_processing_classes has {len(given)} entries for {len(self.reward_funcs)} reward functions: "
+                "give one per reward function (None for the functions), in order."
+            )
+        tokenizers = []
+        for func, tokenizer in zip(self.reward_funcs, given, strict=True):
+            if isinstance(func, PreTrainedModel):
+                if tokenizer is None:
+                    tokenizer = AutoTokenizer.from_pretrained(
+                        get_config_model_id(func.config), trust_remote_code=args.trust_remote_code
+                    )
+                if tokenizer.pad_token_id is None:
+                    tokenizer.pad_token = tokenizer.eos_token
+                func.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+            tokenizers.append(tokenizer)
+        return tokenizers
 
     @staticmethod
     def _check_resampling_dataset(train_dataset, args: DPOConfig):
@@ -371,6 +434,11 @@ class DPOTrainer(trl.DPOTrainer):
         columns = train_dataset.column_names
         if "image" in columns or "images" in columns:
             raise NotImplementedError("resample_every is not supported for vision datasets yet.")
+        if "tools" in columns or "chat_template_kwargs" in columns:
+            raise NotImplementedError(
+                "resample_every does not support per-example 'tools' / 'chat_template_kwargs' columns yet: the sampled "
+                "completions would be generated without them. Drop the columns or use offline DPO."
+            )
         if "prompt" not in columns and "chosen" not in columns:
             raise ValueError(f"resample_every needs a 'prompt' column in train_dataset, got columns {columns}.")
         if args.resample_mix > 0 and not {"chosen", "rejected"} <= set(columns):
@@ -407,19 +475,16 @@ class DPOTrainer(trl.DPOTrainer):
                 self._copy_adapter_to_reference()
         # The prompts (and the columns reward functions read) come from the dataset as given, one row per prompt
         source = raw_dataset if "prompt" in raw_dataset.column_names else self.train_dataset
-        if len(source) and is_conversational({"prompt": source[0]["prompt"]}):
-            raise NotImplementedError(
-                "resample_every supports plain-text prompts only for now; conversational datasets need the chat "
-                "template at generation. Apply it to the prompts first (trl.apply_chat_template)."
-            )
+        self._conversational = bool(len(source)) and is_conversational({"prompt": source[0]["prompt"]})
         # token columns are TRL's; the names below are the reward functions' own keyword arguments
         reserved = (*_TOKEN_COLUMNS, "prompts", "completions", "completion_ids", "trainer_state")
         drop = [c for c in source.column_names if c in reserved]
         source = source.remove_columns(drop) if drop else source
         first_rows, seen = [], set()
         for row, prompt in enumerate(source["prompt"]):
-            if prompt not in seen:
-                seen.add(prompt)
+            key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)  # messages: a list
+            if key not in seen:
+                seen.add(key)
                 first_rows.append(row)
         self._prompt_source = source.select(first_rows) if len(first_rows) < len(source) else source
         self._offline_pairs = "chosen" in self.train_dataset.column_names
@@ -437,6 +502,17 @@ class DPOTrainer(trl.DPOTrainer):
             eos_token_id=self.model.generation_config.eos_token_id or _trl.dpo_tokenizer(self).eos_token_id,
             bos_token_id=self.model.generation_config.bos_token_id,
         )
+        for i, func in enumerate(self.reward_funcs):  # as GRPO: reward models on the device, in eval mode
+            if isinstance(func, PreTrainedModel):
+                if self.is_deepspeed_enabled:
+                    self.reward_funcs[i] = prepare_deepspeed(func, self.accelerator)
+                else:
+                    self.reward_funcs[i] = self.accelerator.prepare_model(func, evaluation_mode=True, device_placement=True)
+        self._async_loop = None
+        if any(is_async_callable(func) for func in self.reward_funcs):  # as GRPO: one event loop on a daemon thread
+            thread, self._async_loop, ready = start_event_loop_in_daemon(name="trl_kl-dpo-rewards")
+            ready.wait()
+            atexit.register(shutdown_event_loop_in_daemon, thread, self._async_loop)
 
     # ---- TRL's dataset preparation: prompt-only datasets pass through when resampling --------------------
 
@@ -568,9 +644,11 @@ class DPOTrainer(trl.DPOTrainer):
         self._window, self._window_step, self._window_batches, self._window_perms = window, step, 0, {}
         self._window_stats = stats
 
-    def _generate(self, prompts: list[str], seed: int) -> tuple[list[list[str]], list[list[list[int]]]]:
-        """``resample_num_completions`` sampled completions (text and token ids) per prompt, from the current
-        policy, in left-padded batches. Seeded, so a refresh depends only on the weights and the step."""
+    def _generate(self, prompts: list, seed: int) -> tuple[list[list], list[list[list[int]]]]:
+        """``resample_num_completions`` sampled completions (token ids, and text: a string, or for conversational
+        prompts GRPO's ``[{"role": "assistant", "content": text}]``) per prompt, from the current policy, in
+        left-padded batches. The prompt is tokenized as TRL's DPO tokenizes it for training (chat template with the
+        generation prompt). Seeded, so a refresh depends only on the weights and the step."""
         args, tokenizer = self.args, _trl.dpo_tokenizer(self)
         n, batch_size = args.resample_num_completions, args.resample_batch_size or args.per_device_train_batch_size
         eos = self._generation_config.eos_token_id
@@ -590,7 +668,8 @@ class DPOTrainer(trl.DPOTrainer):
             try:
                 for start in range(0, len(prompts), batch_size):
                     chunk = prompts[start : start + batch_size]
-                    prompt_ids = [torch.tensor(_trl.tokenize_prompt(self.processing_class, p)) for p in chunk]
+                    template = {"add_generation_prompt": True} if self._conversational else {}
+                    prompt_ids = [torch.tensor(_trl.tokenize_prompt(self.processing_class, p, **template)) for p in chunk]
                     input_ids = pad(prompt_ids, padding_value=tokenizer.pad_token_id, padding_side="left").to(device)
                     attention_mask = pad(
                         [torch.ones_like(p) for p in prompt_ids], padding_value=0, padding_side="left"
@@ -604,11 +683,15 @@ class DPOTrainer(trl.DPOTrainer):
             finally:
                 unwrapped.train(training)
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
+        if self._conversational:
+            texts = [[{"role": "assistant", "content": text}] for text in texts]
         group = lambda items: [items[i : i + n] for i in range(0, len(items), n)]  # noqa: E731
         return group(texts), group(ids)
 
-    def _score(self, rows: list[int], completions: list[list[str]], completion_ids) -> list[list[float]]:
-        """Summed rewards of each completion (NaN where every reward function returned None), TRL-style kwargs."""
+    def _score(self, rows: list[int], completions: list[list], completion_ids) -> list[list[float]]:
+        """The label of each completion: the ``reward_weights``-weighted sum of its rewards, the rewards that are None
+        left out (NaN where all are), with GRPO's keyword arguments (``prompts``, ``completions``,
+        ``completion_ids``, ``trainer_state`` and the dataset's columns); async functions run concurrently."""
         n = self.args.resample_num_completions
         flat = [c for group in completions for c in group]
         if not flat:
@@ -616,26 +699,67 @@ class DPOTrainer(trl.DPOTrainer):
         table = self._prompt_source.select(rows)
         columns = {key: [v for v in table[key] for _ in range(n)] for key in table.column_names if key != "prompt"}
         prompts = [p for p in table["prompt"] for _ in range(n)]
-        total = torch.zeros(len(flat), dtype=torch.float64)
-        scored = torch.zeros(len(flat), dtype=torch.bool)
-        for func in self.reward_funcs:
-            values = func(
-                prompts=prompts,
-                completions=flat,
-                completion_ids=[i for group in completion_ids for i in group],
-                trainer_state=self.state,
-                **columns,
-            )
-            if len(values) != len(flat):
-                raise ValueError(
-                    f"The reward function {getattr(func, '__name__', func)!r} returned {len(values)} rewards for "
-                    f"{len(flat)} completions: it must return one per completion."
-                )
-            values = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
-            total += torch.nan_to_num(values, nan=0.0)
-            scored |= ~torch.isnan(values)
-        total[~scored] = math.nan
+        kwargs = dict(
+            prompts=prompts,
+            completions=flat,
+            completion_ids=[i for group in completion_ids for i in group],
+            trainer_state=self.state,
+            **columns,
+        )
+        rewards = torch.full((len(flat), len(self.reward_funcs)), math.nan, dtype=torch.float64)
+        pending = []  # (column, coroutine) of the async reward functions
+        for i, (func, tokenizer) in enumerate(zip(self.reward_funcs, self.reward_processing_classes, strict=True)):
+            if isinstance(func, torch.nn.Module):  # a reward model (prepared: possibly wrapped)
+                rewards[:, i] = self._model_rewards(func, tokenizer, prompts, flat)
+            elif is_async_callable(func):
+                pending.append((i, func(**kwargs)))
+            else:
+                rewards[:, i] = self._as_rewards(func, func(**kwargs), len(flat))
+        if pending:
+
+            async def gather():
+                return await asyncio.gather(*(coroutine for _, coroutine in pending))
+
+            outputs = asyncio.run_coroutine_threadsafe(gather(), self._async_loop).result()
+            for (i, _), values in zip(pending, outputs, strict=True):
+                rewards[:, i] = self._as_rewards(self.reward_funcs[i], values, len(flat))
+        weights = torch.tensor(self.args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float64)
+        total = (rewards * weights).nansum(dim=1)
+        total[rewards.isnan().all(dim=1)] = math.nan
         return [total[i : i + n].tolist() for i in range(0, len(flat), n)]
+
+    @staticmethod
+    def _as_rewards(func, values, expected: int) -> torch.Tensor:
+        """A reward function's output as float64, None -> NaN; one per completion or a clear error."""
+        if len(values) != expected:
+            raise ValueError(
+                f"The reward function {get_callable_name(func)!r} returned {len(values)} rewards for {expected} "
+                "completions: it must return one per completion."
+            )
+        return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
+
+    @torch.no_grad()
+    def _model_rewards(self, model, tokenizer, prompts: list, completions: list) -> torch.Tensor:
+        """A reward model's score of each prompt + completion, as GRPO computes it: the chat template applied to the
+        whole conversation (conversational prompts) or the texts joined, right-padded, the head's one logit."""
+        if is_conversational({"prompt": prompts[0]}):
+            texts = [
+                apply_chat_template({"messages": p + c}, tokenizer)["text"] for p, c in zip(prompts, completions, strict=True)
+            ]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        batch_size = (self.args.resample_batch_size or self.args.per_device_train_batch_size) * self.args.resample_num_completions
+        scores = []
+        for start in range(0, len(texts), batch_size):
+            inputs = tokenizer(
+                text=texts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                padding_side="right",
+                add_special_tokens=False,
+            ).to(self.accelerator.device)
+            scores.append(model(**inputs).logits[:, 0].double().cpu())
+        return torch.cat(scores)
 
     def _build_window(self, pairs: list[dict], step: int) -> Dataset | None:
         """The fresh pairs (tokenized by TRL's DPO preparation) plus the kept offline pairs, with the sampler's

@@ -11,7 +11,8 @@ Everything here is synthetic and deterministic for a given seed:
 * a short supervised warm start that leaves the policy well above chance but far from solving the
   task, so RL has something to improve;
 * ``toy_model_path``, which builds that policy once into an on-disk cache that ``from_pretrained``
-  loads offline, and ``resolve_model_name`` so recipes accept ``--model_name_or_path toy``.
+  loads offline, and ``resolve_model_name`` so ``trl-kl`` accepts ``--model_name_or_path toy``;
+* ``offline_preferences``: toy preference pairs for DPO.
 """
 
 from __future__ import annotations
@@ -106,6 +107,23 @@ def _problems(pairs: list[tuple[int, int]]) -> dict[str, list[str]]:
 def make_dataset(n: int, seed: int = 0, split: str = "train") -> Dataset:
     """``n`` distinct addition problems drawn from ``split``: columns ``prompt`` and ``answer`` (str)."""
     return Dataset.from_dict(_problems(random.Random(seed).sample(_split_pairs(split), n)))
+
+
+def offline_preferences(n: int, seed: int = 0, split: str = "train") -> Dataset:
+    """Toy preference pairs "from another model": ``chosen`` is the correct sum, ``rejected`` a wrong number drawn
+    uniformly from 0..128 (unlike the policy's own near misses). Columns ``prompt``, ``chosen``, ``rejected`` and
+    ``answer`` (the reward functions read it); the data of ``trl-kl dpo --dataset_name toy``."""
+    problems = make_dataset(n, seed=seed, split=split)
+    rng = random.Random(seed + 1)
+    rejected = []
+    for answer in problems["answer"]:
+        wrong = rng.randrange(2 * MAX_OPERAND + 1)
+        while wrong == int(answer):
+            wrong = rng.randrange(2 * MAX_OPERAND + 1)
+        rejected.append(str(wrong))
+    return Dataset.from_dict(
+        {"prompt": problems["prompt"], "chosen": problems["answer"], "rejected": rejected, "answer": problems["answer"]}
+    )
 
 
 def _parse_int(text: str) -> int | None:
