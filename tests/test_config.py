@@ -92,7 +92,7 @@ def test_kl_settings_resolve_the_fields_once(tmp_path):
     settings = args.kl_settings()
     assert settings == KLSettings(estimator="k3_clip", placement="loss", reward_scope="return_to_go", k3_clip_max=5.0,
                                   bias_correction=False, token_chunk_size=None, vocab_chunk_size=None, target=0.3,
-                                  horizon=500.0)
+                                  horizon=500.0, importance_weight="token")
     assert not settings.in_reward
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.estimator = "k1"
@@ -181,3 +181,84 @@ def test_vespo_takes_the_sequence_scope_or_no_kl(tmp_path):
     make_config(tmp_path, loss_type="vespo", beta=0.0)
     with pytest.raises(ValueError, match="vespo"):
         make_config(tmp_path, loss_type="vespo", kl_reward_scope="return_to_go")
+
+
+# ---------------------------------------------------------------------------------------------------
+# kl_importance_weight (docs/theory.md#sampler-mismatch)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_kl_importance_weight_resolves_and_validates(tmp_path):
+    assert make_config(tmp_path).kl_settings().importance_weight == "token"
+    assert make_config(tmp_path, kl_importance_weight="sequence").kl_settings().importance_weight == "sequence"
+    with pytest.raises(ValueError, match=r"kl_importance_weight must be one of \('token', 'sequence'\), got 'prefix'"):
+        make_config(tmp_path, kl_importance_weight="prefix")
+    with pytest.raises(ValueError, match=r"kl_importance_weight='sequence' would have no effect: set beta > 0"):
+        make_config(tmp_path, beta=0.0, kl_importance_weight="sequence")
+    assert "kl_importance_weight" not in {f.name for f in dataclasses.fields(PPOConfig)}  # GAE carries PPO's KL
+
+
+def test_sequence_weight_makes_k1_and_k3_exact_losses(tmp_path):
+    """k1 as a loss is unsound and k3 biased on their own; times the sequence weight with its gradient
+    (kl_importance_weight='sequence') both are the exact loss form: accepted without allow_unsound_kl, no warning.
+    The per-state estimators keep their verdicts."""
+    from trl_kl import kl
+
+    kl._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for estimator in ("k1", "k3"):
+            make_config(tmp_path, kl_estimator=estimator, kl_placement="loss", kl_importance_weight="sequence")
+    assert not [w for w in caught if "kl_estimator" in str(w.message)]
+    with pytest.raises(ValueError, match="unsound"):
+        make_config(tmp_path, kl_estimator="k1", kl_placement="loss")
+    with pytest.raises(ValueError, match="unsound"):
+        make_config(tmp_path, kl_estimator="k2", kl_importance_weight="sequence")
+    kl._warned.clear()
+    with pytest.warns(UserWarning, match="biased"):
+        make_config(tmp_path, kl_estimator="k3_clip", kl_placement="loss", kl_importance_weight="sequence")
+
+
+def test_sequence_weight_and_bias_correction_exclude_each_other(tmp_path):
+    with pytest.raises(ValueError, match="use one of them"):
+        make_config(tmp_path, kl_estimator="k3", kl_placement="loss", use_bias_correction_kl=True,
+                    kl_importance_weight="sequence")
+
+
+def test_vespo_takes_every_scope_with_the_sequence_weight(tmp_path):
+    """With kl_importance_weight='sequence' the KL is its own loss term, not inside the advantage vespo weighs."""
+    for scope in ("return_to_go", "token", "sequence"):
+        make_config(tmp_path, loss_type="vespo", kl_reward_scope=scope, kl_importance_weight="sequence")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A truncated sampler (top-p, top-k, min-p) with a KL term: TRL issue #6789
+# ---------------------------------------------------------------------------------------------------
+
+TRUNCATING = {
+    "top_p": dict(top_p=0.9),
+    "top_k": dict(top_k=50),
+    "min_p": dict(min_p=0.05),
+    "generation_kwargs": dict(generation_kwargs={"top_p": 0.95}),
+    "greedy": dict(generation_kwargs={"do_sample": False}),
+}
+
+
+@pytest.mark.parametrize("config", ["grpo", "ppo"])
+@pytest.mark.parametrize("overrides", list(TRUNCATING.values()), ids=list(TRUNCATING))
+def test_truncated_sampling_with_kl_is_refused(tmp_path, config, overrides):
+    common = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, beta=0.04)
+    build = (lambda **kw: GRPOConfig(num_generations=2, **kw)) if config == "grpo" else PPOConfig
+    name, value = next(iter((overrides.get("generation_kwargs") or overrides).items()))
+    with pytest.raises(ValueError, match=rf"{name}={value!r} truncates .*TRL issue #6789.*top_p=1\.0, top_k=0"):
+        build(**common, **overrides)
+    build(**common, **overrides, allow_unsound_kl=True)  # an ablation
+    build(**{**common, "beta": 0.0}, **overrides)  # no KL: stock TRL
+
+
+def test_untruncated_sampling_settings_are_accepted(tmp_path):
+    """TRL's defaults (top_p=1.0, top_k=0, min_p=None) and the other spellings of "off" (top_k=-1 or None as in
+    vLLM and transformers, min_p=0, generation_kwargs that restate them) construct with a KL term."""
+    for overrides in (dict(), dict(top_k=-1), dict(top_k=None), dict(min_p=0.0),
+                      dict(generation_kwargs={"top_p": 1.0, "top_k": 0, "do_sample": True, "num_beams": 1})):
+        make_config(tmp_path, **overrides)

@@ -312,3 +312,66 @@ def test_sampler_factor_is_trls_correction():
     policy = importance.sequence_weight(r.logp.detach(), r.old, r.mask)
     torch.testing.assert_close(policy * corr, whole, rtol=1e-12, atol=0)
     assert not math.isclose(float(whole.max()), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer's options (kl_importance_weight): the trainer table
+# ---------------------------------------------------------------------------------------------------
+
+
+def trainer_row(tables, **fields) -> eg.OffPolicyRow:
+    return tables.trainer[eg.TRAINER_CONFIGS.index(eg.TrainerConfig(**fields))]
+
+
+@pytest.mark.parametrize("fields", [
+    dict(kl_importance_weight="sequence"),
+    dict(kl_importance_weight="sequence", kl_reward_scope="sequence"),
+    dict(kl_importance_weight="sequence", kl_placement="loss", kl_estimator="k1"),
+    dict(kl_importance_weight="sequence", kl_placement="loss", kl_estimator="k3"),
+])
+def test_sequence_weight_is_exact_under_every_covering_sampler(tables, fields):
+    r = trainer_row(tables, **fields)
+    assert all(r.verdict(s) == "exact" for s in ("on_policy", *COVERED)), fields
+    assert mean_err(r, "engine_top_p") > 0.1
+
+
+def test_token_weight_is_exact_at_theta_old_only(tables):
+    """The default: exact on-policy; for an engine mismatch on the first step only up to TRL's cap (binding a
+    little in engine, much in engine_far); after optimizer steps on the rollout PPO's approximation."""
+    r = trainer_row(tables)
+    assert r.verdict("on_policy") == "exact"
+    assert 1e-4 < mean_err(r, "engine") < 0.05 and mean_err(r, "engine_far") > 0.3
+    assert min(r.at("rel_err", "stale")) > 0.05 and min(r.at("rel_err", "stale_engine")) > 0.05
+
+
+def test_sequence_weight_trades_variance(tables):
+    token, sequence = trainer_row(tables), trainer_row(tables, kl_importance_weight="sequence")
+    assert sequence.mean_variance("on_policy") == pytest.approx(token.mean_variance("on_policy"), rel=1e-9)
+    assert sequence.mean_variance("engine_far") > 5 * token.mean_variance("engine_far")
+
+
+def test_trainer_sequence_weight_is_the_decomposed_exact_form(tables):
+    """The trainer computes pi_theta(y)/q(y) from q directly; the KL table's exact row as the product of the
+    policy's sequence weight and TRL's uncapped sequence correction: the same per-sample gradients (mean and
+    variance) in every scenario."""
+    trainer, decomposed = trainer_row(tables, kl_importance_weight="sequence"), row(tables.kl_rows, **EXACT)
+    for s in eg.OFFPOLICY_SCENARIOS:
+        assert trainer.at("rel_err", s) == pytest.approx(decomposed.at("rel_err", s), rel=1e-6, abs=1e-12)
+        assert trainer.at("variance", s) == pytest.approx(decomposed.at("variance", s), rel=1e-9)
+
+
+def test_per_state_forms_get_their_on_policy_update_with_the_sequence_weight(tables):
+    for fields in (dict(kl_reward_scope="token"), dict(kl_placement="loss", kl_estimator="k2"),
+                   dict(kl_placement="loss", kl_estimator="full")):
+        sequence = trainer_row(tables, kl_importance_weight="sequence", **fields)
+        assert all(sequence.verdict(s) == "on-policy" for s in ("on_policy", *COVERED)), fields
+        token = trainer_row(tables, **fields)
+        assert token.verdict("on_policy") == "on-policy" and min(token.at("gap", "stale_engine")) > 0.01, fields
+
+
+def test_kl_sequence_form_is_the_trainers_only():
+    for bad in (dict(correction="sequence_mask"), dict(penalty_from="old"), dict(ppo_clip=0.2),
+                dict(scope="sequence_prenorm")):
+        with pytest.raises(ValueError, match="kl_importance_weight='sequence'"):
+            Form(ratio="kl_sequence", **{"penalty_from": "current", **bad})
+    Form("loss", "k2", "-", "kl_sequence")

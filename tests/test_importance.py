@@ -102,6 +102,44 @@ def test_sequence_weight_per_token_has_its_own_token_gradient():
     torch.testing.assert_close(lp.grad, expected * t64([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]), rtol=1e-15, atol=0)
 
 
+def test_token_ratio_keeps_its_gradient_beyond_the_clamp():
+    """use_bias_correction_kl's ratio at log-ratio 30: the value stops at e^20, the gradient is the clamped
+    ratio times grad log pi (not the 0 of a clamped exp's literal derivative); inside the bound it is exp."""
+    lp = torch.tensor([[30.0, -30.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    ratio = importance.token_ratio(lp, torch.zeros(1, 3, dtype=torch.float64))
+    bound = math.exp(kl.LOG_RATIO_BOUND)
+    torch.testing.assert_close(ratio.detach(), t64([bound, 1 / bound, math.exp(0.5)]), rtol=1e-15, atol=0)
+    ratio.sum().backward()
+    torch.testing.assert_close(lp.grad, t64([bound, 1 / bound, math.exp(0.5)]), rtol=1e-15, atol=0)
+
+
+def test_sequence_weighted_penalty_by_hand():
+    """W_b = exp(sum_t mask (logps - q)) on every token times the return-to-go penalty; token t's gradient is
+    W_b * carried_t (its own token only)."""
+    lp = LOGPS.clone().requires_grad_(True)
+    penalty = t64([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    out = importance.sequence_weighted_penalty(penalty, lp, OLD, MASK, "return_to_go")
+    w = t64([math.exp(-0.5)], [math.exp(-1.0)])
+    carried = t64([6.0, 5.0, 3.0], [9.0, 5.0, 0.0])
+    torch.testing.assert_close(out, w * carried, rtol=1e-15, atol=0)
+    out.sum().backward()
+    torch.testing.assert_close(lp.grad, w * carried, rtol=1e-15, atol=0)
+
+
+def test_sequence_weighted_kl_loss_gradient_only_for_unbiased_values():
+    """k1/k3: d(W sum_t k_t)/dlogp_t = W (sum_s k_s + dk_t); k2/k3_clip/full: W detached, W dk_t."""
+    k = t64([0.5, -1.0, 2.0], [1.0, 3.0, 7.0])
+    w = t64([math.exp(-0.5)], [math.exp(-1.0)])
+    for estimator, with_gradient in (("k1", True), ("k3", True), ("k2", False), ("k3_clip", False), ("full", False)):
+        lp = LOGPS.clone().requires_grad_(True)
+        per_token = k * (1 + lp - lp.detach())  # value k, gradient k per token
+        out = importance.sequence_weighted_kl_loss(estimator, per_token, lp, OLD, MASK)
+        torch.testing.assert_close(out, w * k, rtol=1e-15, atol=0)
+        (out * MASK).sum().backward()
+        summed = (k * MASK).sum(-1, keepdim=True) if with_gradient else 0.0
+        torch.testing.assert_close(lp.grad, w * (summed + k) * MASK, rtol=1e-14, atol=0)
+
+
 def test_prefix_weights():
     w = importance.prefix_weights(LOGPS, OLD, MASK)
     torch.testing.assert_close(w, t64([math.exp(0.5), math.exp(-0.5), math.exp(-0.5)], [1.0, math.exp(-1.0), 0.0]),

@@ -17,6 +17,7 @@ import torch
 from grpo_batch import fixed_batch, make_config, make_trainer
 from trl_kl import GRPOTrainer, kl
 from trl_kl.advantages import group_normalized_advantages
+from trl_kl.grpo import _MicroBatch
 from trl_kl.toy import make_dataset
 
 ROWS = 8
@@ -34,6 +35,8 @@ PAIRS = {
     "k3_clip-loss": dict(kl_estimator="k3_clip", kl_placement="loss"),
     "k1-loss-bias_correction": dict(kl_estimator="k1", kl_placement="loss", use_bias_correction_kl=True),
     "k3-loss-bias_correction": dict(kl_estimator="k3", kl_placement="loss", use_bias_correction_kl=True),
+    "k1-reward-sequence_weight": dict(kl_estimator="k1", kl_placement="reward", kl_importance_weight="sequence"),
+    "k1-loss-sequence_weight": dict(kl_estimator="k1", kl_placement="loss", kl_importance_weight="sequence"),
 }
 KL_METRICS = ("kl/k1", "kl/k2", "kl/k3", "kl/clamp_frac")
 
@@ -119,6 +122,24 @@ def test_any_reference_distance_stays_finite(trainer_for, pair):
     loss, grad = _loss_and_grad(trainer, batch)
     _assert_all_finite(trainer, loss, grad)
     assert grad.abs().sum() > 0
+
+
+def test_bias_correction_ratio_keeps_its_gradient_at_log_ratio_30(trainer_for):
+    """use_bias_correction_kl: the ratio pi_theta / pi_old multiplies k3 with its gradient. At log-ratio 30 its
+    value is clamped to e^20 and its gradient kept: d(rho k3)/dlogp = e^20 (k3 + 1 - r). A clamped exp would give
+    e^20 (1 - r): the ratio's own gradient, k3 times it, lost."""
+    trainer = trainer_for(**PAIRS["k3-loss-bias_correction"])
+    batch, logps = fixed_batch(trainer, rows=ROWS)
+    logps = logps.clone().requires_grad_(True)
+    old = logps.detach().clone()
+    old[0, 0] -= 30.0
+    micro = _MicroBatch(inputs={**batch, "old_per_token_logps": old}, logps=logps)
+    trainer._kl_loss_term(micro)[0, 0].backward()
+    log_r = float(batch["ref_per_token_logps"][0, 0] - logps[0, 0].detach())
+    k3 = math.exp(log_r) - 1 - log_r
+    assert k3 > 0.01
+    expected = math.exp(kl.LOG_RATIO_BOUND) * (k3 + 1 - math.exp(log_r))
+    assert float(logps.grad[0, 0]) == pytest.approx(expected, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------

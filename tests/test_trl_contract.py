@@ -23,7 +23,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_batch import B, fixed_batch, make_config, make_trainer
-from trl_kl import _trl, kl
+from trl_kl import _trl, importance, kl
+from vllm_double import FakeVLLMGeneration
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,6 +150,43 @@ def test_beta_switches_trls_kl_term_and_the_context_turns_it_off(stock):
     term = 0.1 * ((k3 * mask).sum(1) / mask.sum(1)).mean()  # 'grpo' averaging
     assert with_term.item() == pytest.approx((without + term).item(), rel=1e-5, abs=1e-7), entry("_compute_loss")
     assert abs(term.item()) > 1e-4  # a real term
+
+
+def test_vllm_rollout_carries_the_sampler_and_trl_multiplies_its_correction(stock, monkeypatch):
+    """Entries 2, 3 (``sampler_logps``, ``sampler_correction``): a rollout generated through vLLM (the test
+    double) carries the engine's per-token log-probs ``(B, T)`` (NaN where it could not score) and, with
+    ``vllm_importance_sampling_correction``, TRL's correction (``importance.sampler_correction``'s formula), which
+    ``_compute_loss`` multiplies its per-token policy loss by; without the correction there is none."""
+    tok = stock.processing_class
+    completions = [tok("46").input_ids, tok("4").input_ids, tok("15").input_ids, tok("1").input_ids]
+    logprobs = [[-1.0] * len(c) for c in completions]
+    logprobs[1][0] = None
+    fake = FakeVLLMGeneration(completions, logprobs)
+    values = dict(use_vllm=True, vllm_generation=fake, _last_loaded_step=-1, vllm_importance_sampling_correction=True,
+                  vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_min=None,
+                  vllm_importance_sampling_clip_max=3.0)
+    for name, value in values.items():
+        monkeypatch.setattr(stock, name, value, raising=False)
+    inputs = [{"prompt": p, "answer": "0"} for p in ["12+34=", "12+34=", "7+8=", "7+8="]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = stock._generate_and_score_completions(inputs)
+    engine, correction, mask = _trl.sampler_logps(out), _trl.sampler_correction(out), out["completion_mask"]
+    assert engine.shape == mask.shape and int(torch.isnan(engine).sum()) == 1, entry("sampler_logps")
+    expected = importance.sampler_correction(out["old_per_token_logps"], engine, mask, "token_truncate", None, 3.0)
+    torch.testing.assert_close(correction, expected, rtol=0, atol=0, msg=entry("sampler_correction"))
+    batch = {**out, "advantages": torch.tensor([1.0, 0.3, 0.5, 0.2])}
+    ones = torch.ones_like(correction)
+    with _trl.trl_kl_term_off(stock):
+        full = stock._compute_loss(stock.model, {**batch, "importance_sampling_ratio": ones})
+        half = stock._compute_loss(stock.model, {**batch, "importance_sampling_ratio": 0.5 * ones})
+    assert abs(full.item()) > 1e-4 and half.item() == pytest.approx(0.5 * full.item(), rel=1e-6), entry("_compute_loss")
+    monkeypatch.setattr(stock, "vllm_importance_sampling_correction", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = stock._generate_and_score_completions(inputs)
+    assert _trl.sampler_correction(out) is None and _trl.sampler_logps(out) is not None, entry("sampler_correction")
+    assert _trl.sampler_logps(_on_policy_batch(stock)[0]) is None, entry("sampler_logps")
 
 
 def test_policy_forward_runs_once_before_the_advantages_are_read(stock):

@@ -314,8 +314,10 @@ def test_cli_prints_titled_tables_with_legend_and_conclusion(capsys):
     assert "| reward/k1/return_to_go | sequence_product | sequence_mask | current | exact | exact | exact |" in out
     assert "Conclusion: exact under stale rollouts and an engine mismatch: reward/k1/return_to_go " in out
     assert "| k3_clip | -0.4676 |" in out
+    assert "1 seeds: the trainer's options (kl_importance_weight) ==\nColumns:" in out
+    assert "Conclusion: exact under stale rollouts and an engine mismatch: kl_importance_weight='sequence';" in out
     sections = out.count("\n== ")
-    assert sections == 7 and out.count("\nColumns:") == sections and out.count("\nConclusion:") == sections
+    assert sections == 8 and out.count("\nColumns:") == sections and out.count("\nConclusion:") == sections
 
 
 def test_default_command_as_documented():

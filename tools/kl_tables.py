@@ -37,6 +37,7 @@ class Tables:
     kl_rows: list[eg.OffPolicyRow]
     truncation: list[eg.OffPolicyRow]
     reward: list[eg.OffPolicyRow]
+    trainer: list[eg.OffPolicyRow]  # of eg.trainer_form(c) for c in eg.TRAINER_CONFIGS
     estimators: list[eb.EstimatorRow]
     k3_tail: str
 
@@ -50,6 +51,7 @@ def compute() -> Tables:
         kl_rows=eg.offpolicy_table(eg.KL_FORMS, seeds=SEEDS, V=V, T=T),
         truncation=eg.offpolicy_table(eg.TRUNCATION_FORMS, seeds=SEEDS, V=V, T=T),
         reward=eg.offpolicy_table(eg.REWARD_FORMS, seeds=SEEDS, V=V, T=T),
+        trainer=eg.offpolicy_table([eg.trainer_form(c) for c in eg.TRAINER_CONFIGS], seeds=SEEDS, V=V, T=T),
         estimators=eb.appendix_d_table(10_000, ESTIMATOR_SEEDS),
         k3_tail=eb.format_k3_tail_table((10_000, 1_000_000), ESTIMATOR_SEEDS),
     )
@@ -210,7 +212,22 @@ reward/k1/return_to_go; the variance column is for `engine_far`, the scenario wh
 {truncation_table}
 ### The reward term
 
-{reward_table}"""
+{reward_table}
+### What the trainer offers: `kl_importance_weight`
+
+Each row is a `trl_kl.GRPOConfig` with `beta > 0` (other fields at their defaults: `epsilon=0.2`, and vLLM with
+TRL's default correction `vllm_importance_sampling_mode="sequence_mask"`, `vllm_importance_sampling_clip_max=3`),
+evaluated as the form `exact_gradients.trainer_form` gives for it: the form whose per-sample loss is the
+trainer's own, which `tests/test_grpo_vllm.py` checks on the trainer's micro-batches (value and gradient).
+`kl_importance_weight="token"` is eq. 39: the penalty of pi_old inside the advantage, under TRL's ratio
+(`importance_sampling_level`), PPO clip and sampler correction, and for a KL loss the per-token ratio and the same
+correction. `"sequence"` forms the penalty from the current policy and weights the KL term by pi_theta(y)/q(y)
+(`importance.sequence_weighted_penalty`, `importance.sequence_weighted_kl_loss`), outside TRL's ratio, clip and
+correction. Where q = pi_old (`on_policy`, `stale`) TRL's correction is 1: those columns are also the trainer
+without vLLM. The variance columns are on-policy, `stale_engine` and `engine_far` (where the sequence weight's
+ESS is lowest).
+
+{trainer_table}"""
 
 
 def _offpolicy_findings(t: Tables) -> str:
@@ -318,9 +335,54 @@ def _offpolicy_findings(t: Tables) -> str:
 * **TRL 1.16's own KL term** (k3 × coef_1, `use_bias_correction_kl`) is added *after* the sampler correction
   multiplies the policy loss (`trl/trainer/grpo_trainer.py` lines 3147, 3150) and its ratio uses
   `old_per_token_logps`: it gets no sampler correction (pinned by `tests/test_importance.py`); the engine's
-  `sampling_per_token_logps` only feed the off-policy mask (line 3073) and the `sampling/*` metrics.
+  `sampling_per_token_logps` only feed the off-policy mask (line 3073) and the `sampling/*` metrics. trl_kl's
+  loss placement multiplies its KL term by TRL's correction, as TRL's surrogate does the reward placement's
+  (`kl_importance_weight="token"`), or weights it by pi_theta(y)/q(y) (`"sequence"`): the trainer table below.
 
+{_trainer_findings(t)}
 Regenerate with `python tools/kl_tables.py`.
+"""
+
+
+def _trainer_row(t: Tables, **fields) -> eg.OffPolicyRow:
+    """The trainer table's row of ``eg.TrainerConfig(**fields)``."""
+    return t.trainer[eg.TRAINER_CONFIGS.index(eg.TrainerConfig(**fields))]
+
+
+def _trainer_findings(t: Tables) -> str:
+    token, sequence = _trainer_row(t), _trainer_row(t, kl_importance_weight="sequence")
+    k2_token = _trainer_row(t, kl_estimator="k2", kl_placement="loss")
+    k2_sequence = _trainer_row(t, kl_importance_weight="sequence", kl_estimator="k2", kl_placement="loss")
+    k1_loss = _trainer_row(t, kl_importance_weight="sequence", kl_estimator="k1", kl_placement="loss")
+    k3_loss = _trainer_row(t, kl_importance_weight="sequence", kl_estimator="k3", kl_placement="loss")
+
+    def ess(scenario: str) -> float:
+        return statistics.fmean(x.ess_sequence for x in t.scenarios[scenario])
+
+    return f"""
+### What the trainer table shows
+
+* **`kl_importance_weight="sequence"` is exact wherever the sampler covers the policy**, on every optimizer step
+  of a rollout and for any engine mismatch: k1 in the reward with the `return_to_go` or `sequence` scope, and k1
+  or k3 as a loss. The default `"token"` is exact on-policy and, on the first step of a rollout, for an engine
+  mismatch up to the bias of TRL's cap ({_err(token, "engine")} in `engine`, {_err(token, "engine_far")} in
+  `engine_far` where the cap binds); on later steps of a rollout it is PPO's trust-region approximation
+  ({_err(token, "stale")} in `stale`: the per-token ratio, the clip, and the frozen penalty of pi_old).
+* **The price is variance**, in proportion to how far the sampler is from the policy: the variance of the
+  single-sample gradient goes from {_var(token, "stale_engine")} to {_var(sequence, "stale_engine")} in
+  `stale_engine` (sequence-weight ESS {ess("stale_engine"):.2f}) but from {_var(token, "engine_far")} to
+  {_var(sequence, "engine_far")} in `engine_far` (ESS {ess("engine_far"):.2f}): the sequence weight is
+  not capped, while TRL's default correction masks the sequences whose ratio exceeds 3. The exact loss forms are
+  noisier still (on-policy {_var(k1_loss, "on_policy")} for k1 and {_var(k3_loss, "on_policy")} for k3, vs
+  {_var(sequence, "on_policy")} for the reward placement; {_var(k1_loss, "engine_far")} and
+  {_var(k3_loss, "engine_far")} in `engine_far`).
+* **The per-state forms** (k2 or the exact KL as a loss, the `token` scope) get their own on-policy update
+  (`≡`) under `"sequence"` in every covered scenario, instead of drifting from it with `"token"`
+  ({_gap(k2_token, "stale_engine")} from k2's on-policy update in `stale_engine`); that is not the sequence-KL
+  gradient, and it costs variance ({_var(k2_token, "engine_far")} → {_var(k2_sequence, "engine_far")} in
+  `engine_far`).
+* **No setting is exact under a truncating engine** (`engine_top_p`): the trainer refuses top-p, top-k and
+  min-p sampling with `beta > 0` unless `allow_unsound_kl=True`.
 """
 
 
@@ -333,6 +395,7 @@ def gradient_doc(t: Tables) -> str:
         kl_table=eg.format_offpolicy_table(t.kl_rows),
         truncation_table=eg.format_offpolicy_table(t.truncation, "engine_far"),
         reward_table=eg.format_offpolicy_table(t.reward),
+        trainer_table=eg.format_trainer_table(eg.TRAINER_CONFIGS, t.trainer),
     )
     return (
         GRADIENT_DOC_INTRO

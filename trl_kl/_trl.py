@@ -17,11 +17,14 @@ Hooks trl_kl overrides or calls (``HOOKS``: owner, name, leading parameters, con
    rollout, before TRL's advantages.
 2. ``GRPOTrainer._generate_and_score_completions(inputs)`` (override): returns the rollout dict (``prompt_ids``,
    ``prompt_mask``, ``completion_ids``, ``completion_mask``, ``advantages`` ``(B,)``, ``old_per_token_logps`` or
-   None on-policy, ``ref_per_token_logps`` when ``beta != 0``, ``num_items_in_batch``); trl_kl may replace
-   ``advantages``.
+   None on-policy, ``ref_per_token_logps`` when ``beta != 0``, ``num_items_in_batch``; with vLLM the engine's
+   ``sampling_per_token_logps`` and, with ``vllm_importance_sampling_correction``, ``importance_sampling_ratio``:
+   ``sampler_logps``, ``sampler_correction``); trl_kl may replace ``advantages``.
 3. ``GRPOTrainer._compute_loss(model, inputs)`` (override): TRL's surrogate. It runs the policy forward first
    (entry 4), only then reads ``inputs["advantages"]`` (``(B,)`` or ``(B, T)``), ``old_per_token_logps`` and
-   ``ref_per_token_logps``, and adds ``beta * k3`` per token (times the ratio with ``use_bias_correction_kl``)
+   ``ref_per_token_logps``, multiplies its per-token policy loss by ``inputs["importance_sampling_ratio"]`` when
+   vLLM generated with the correction on (not for ``vespo``, which folds it into its weights;
+   ``sampler_correction``), and adds ``beta * k3`` per token (times the ratio with ``use_bias_correction_kl``)
    whenever ``trainer.beta != 0`` (``trl_kl_term_off``).
 4. ``GRPOTrainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
    batch_size=None, ...)`` (intercepted: ``on_policy_forward``): ``(logps (B, T), entropies, aux_loss)``, in
@@ -109,6 +112,8 @@ __all__ = [
     "reference_model",
     "restore_rollout_state",
     "rollout_state",
+    "sampler_correction",
+    "sampler_logps",
     "tokenize_prompt",
     "train_batch_size",
     "trl_kl_term_off",
@@ -247,6 +252,21 @@ def on_policy_forward(trainer, callback: Callable[[PolicyForward], None], captur
 # ---------------------------------------------------------------------------------------------------
 # Private attributes and functions (entries 12-18)
 # ---------------------------------------------------------------------------------------------------
+
+
+def sampler_logps(inputs: dict) -> torch.Tensor | None:
+    """The sampler's log-probs of the sampled tokens ``(B, T)``: the inference engine's (vLLM's processed
+    log-probs, TRL's ``sampling_per_token_logps``; NaN where it could not score a token) when it generated the
+    rollout, else None (the trainer generated: the sampler is pi_old) (entry 2)."""
+    return inputs.get("sampling_per_token_logps")
+
+
+def sampler_correction(inputs: dict) -> torch.Tensor | None:
+    """TRL's vLLM importance-sampling correction pi_old / q of the rollout, ``(B, T)`` (``token_*`` modes) or
+    ``(B, 1)`` (``sequence_*``), truncated or masked at its bounds: the factor TRL's ``_compute_loss`` multiplies
+    its per-token policy loss by (``importance.sampler_correction`` is the same formula). None when TRL computed
+    none (no vLLM, or ``vllm_importance_sampling_correction=False``) (entries 2, 3)."""
+    return inputs.get("importance_sampling_ratio")
 
 
 def metrics(trainer, mode: str) -> dict[str, list[float]]:

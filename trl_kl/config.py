@@ -3,6 +3,8 @@
 * ``KLConfigMixin``: the fields ``GRPOConfig`` and ``PPOConfig`` share (``kl_estimator``, ``kl_placement``, the
   adaptive control, ... next to TRL's ``beta``), their validation, and ``kl_settings()``, which resolves them once
   into a frozen ``KLSettings``: the one object the trainers read the KL configuration from.
+* ``truncated_sampling``: the generation settings (top-p, top-k, min-p, ...) that make the sampler draw from a
+  truncated distribution, which no importance weight corrects: refused with a KL term (TRL issue #6789).
 * Validators for config fields, each raising one ``ValueError`` that names the field, what it must be and the
   value it got: ``check_bool``, ``check_int``, ``check_number`` (finite, with optional bounds), ``check_choice``.
   ``None`` passes where the field is optional (``optional=True``); ``why`` adds the field's meaning to the message.
@@ -111,6 +113,33 @@ def check_int(
 
 
 # ---------------------------------------------------------------------------------------------------
+# Sampling settings that truncate the sampler
+# ---------------------------------------------------------------------------------------------------
+
+_UNTRUNCATED = {
+    "top_p": lambda v: v is None or v >= 1,
+    "top_k": lambda v: v is None or v <= 0,  # 0 (TRL, transformers) or -1 (vLLM): no top-k
+    "min_p": lambda v: v is None or v <= 0,
+    "typical_p": lambda v: v is None or v >= 1,
+    "epsilon_cutoff": lambda v: v is None or v <= 0,
+    "eta_cutoff": lambda v: v is None or v <= 0,
+    "do_sample": lambda v: v is None or v is True,  # False: greedy, the most likely token only
+}
+"""Generation settings that restrict sampling to part of the vocabulary, with the values that do not."""
+
+
+def truncated_sampling(config) -> list[str]:
+    """The settings of a TRL generation config (``top_p``, ``top_k``, ``min_p`` and the truncating keys of
+    ``generation_kwargs``, which override them) that make the sampler draw from a truncated distribution, as
+    ``"name=value"`` texts; empty when it samples the whole distribution."""
+    values = {name: getattr(config, name, None) for name in _UNTRUNCATED}
+    overrides = getattr(config, "generation_kwargs", None)
+    if isinstance(overrides, dict):
+        values.update({name: value for name, value in overrides.items() if name in _UNTRUNCATED})
+    return [f"{name}={value!r}" for name, value in values.items() if not _UNTRUNCATED[name](value)]
+
+
+# ---------------------------------------------------------------------------------------------------
 # The KL settings
 # ---------------------------------------------------------------------------------------------------
 
@@ -141,6 +170,10 @@ class KLSettings:
     """``kl_target``: adaptive KL control's target sequence KL (docs/theory.md#adaptive-kl); None: fixed coefficient."""
     horizon: float
     """``kl_horizon``: adaptive KL control's horizon, in samples."""
+    importance_weight: str = "token"
+    """``kl_importance_weight`` (GRPO): how the KL term is corrected for the sampler, "token" (through TRL's
+    per-token ratio, clip and sampler correction) or "sequence" (by pi_theta(y) / q(y), the exact form;
+    docs/theory.md#sampler-mismatch). PPO: always "token"."""
 
     @property
     def in_reward(self) -> bool:
@@ -224,8 +257,9 @@ class KLConfigMixin:
     allow_unsound_kl: bool = field(
         default=False,
         metadata={
-            "help": "Allow estimator/placement pairs the paper shows to be unsound (k1 as loss, k2 or full in the "
-            "reward), for ablations. Biased pairs (k3) only warn."
+            "help": "Allow what is refused as unsound, for ablations: the estimator/placement pairs the paper shows to "
+            "be unsound (k1 as loss, k2 or full in the reward), a truncated sampler (top_p < 1, top_k, min_p) with "
+            "beta > 0, and (GRPO) GSPO's sequence ratio on a per-token KL. Biased pairs (k3) only warn."
         },
     )
 
@@ -274,6 +308,7 @@ class KLConfigMixin:
         check_bool("allow_unsound_kl", self.allow_unsound_kl)
         self._refuse_kl_fields_without_beta()
         self._refuse_kl_fields_without_effect()
+        self._refuse_truncated_sampling()
         if self.use_bias_correction_kl:
             if self.kl_placement != "loss" or self.kl_estimator not in ("k1", "k3"):
                 raise ValueError(
@@ -282,12 +317,34 @@ class KLConfigMixin:
                     f"(TRL's default is k3); got kl_estimator={self.kl_estimator!r}, "
                     f"kl_placement={self.kl_placement!r}. Set use_bias_correction_kl=False."
                 )
-        else:
+        elif not self._kl_loss_weighted_with_gradient():
             kl.validate_kl(self.kl_estimator, self.kl_placement, self.allow_unsound_kl)
         if self.kl_estimator == "full" and self.kl_placement != "loss":
             # SOUNDNESS refuses it already; with allow_unsound_kl there is still no per-token reward to carry
             raise ValueError(
                 "kl_estimator='full' (exact KL over the vocabulary) exists only as a loss: use kl_placement='loss'."
+            )
+
+    def _kl_loss_weighted_with_gradient(self) -> bool:
+        """Whether the KL loss is multiplied by a sequence importance weight with its gradient, which makes k1 and
+        k3 as losses exact (GRPO's ``kl_importance_weight="sequence"``): then ``kl.SOUNDNESS``'s verdicts, which are
+        those of the bare estimators, do not apply."""
+        return False
+
+    def _refuse_truncated_sampling(self) -> None:
+        """With a KL term, the completions must be drawn from the whole distribution of the policy (TRL #6789)."""
+        if self.beta == 0 or self.allow_unsound_kl:
+            return
+        cut = truncated_sampling(self)
+        if cut:
+            raise ValueError(
+                f"{', '.join(cut)} truncates the distribution the completions are sampled from (TRL issue #6789), "
+                "while the KL is that of the whole policy: the sampler never draws the tokens it cuts, so no "
+                "importance weight can restore their share and every KL gradient is biased, whatever the estimator, "
+                "placement or kl_importance_weight (the effective sample size stays ~1 and does not show it; "
+                "docs/theory.md#sampler-mismatch). Sample the training rollouts untruncated: top_p=1.0, top_k=0 (or "
+                "None), min_p=None (TRL's defaults; also in generation_kwargs), or set allow_unsound_kl=True to "
+                "accept the bias."
             )
 
     @classmethod

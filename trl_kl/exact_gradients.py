@@ -20,6 +20,9 @@ placement x estimator x reward scope x policy ratio (TRL's ``importance_sampling
 weight) x sampler correction (TRL's ``vllm_importance_sampling_mode`` and cap) x where the penalty's log-probs
 come from x PPO clip. ``evaluate`` returns the exact mean and variance of its single-sample gradient.
 
+``trainer_form`` gives the form ``trl_kl.GRPOTrainer`` trains with for a config (``TRAINER_CONFIGS``: the trainer
+table, both settings of ``kl_importance_weight``).
+
 The printed tables are in ``trl_kl.verify`` (``python -m trl_kl.verify``); the docs are written by
 ``tools/kl_tables.py``.
 """
@@ -340,17 +343,23 @@ def _conditional_advantages(rewards, probs, group_size, scale):
 # The surrogates the trainer can form
 # ===================================================================================================
 
-REWARD_PLACEMENT_RATIOS = ("token", "sequence", "sequence_product", "per_decision")
+REWARD_PLACEMENT_RATIOS = ("token", "sequence", "sequence_product", "per_decision", "kl_sequence")
 """Policy-side factor of the reward placement's per-token surrogate: TRL's ``coef_1`` per token or per
 sequence (GSPO), the exact sequence weight pi_theta(y)/pi_old(y) with a per-token gradient
 (``importance.sequence_weight_per_token``), or per-decision weights pi_theta(y_<=t)/q(y_<=t) on each
-penalty (``importance.prefix_weights``; the KL term only, and the whole correction to q)."""
+penalty (``importance.prefix_weights``; the KL term only, and the whole correction to q). ``kl_sequence``: the
+trainer's ``kl_importance_weight="sequence"`` term, ``importance.sequence_weighted_penalty`` (the whole weight
+pi_theta(y)/q(y) from q's log-probs, no clip, no sampler correction, the current policy's penalty)."""
 
-LOSS_PLACEMENT_RATIOS = ("none", "token", "token_grad", "sequence_grad", "sequence_product", "sequence_product_grad")
+LOSS_PLACEMENT_RATIOS = (
+    "none", "token", "token_grad", "sequence_grad", "sequence_product", "sequence_product_grad", "kl_sequence"
+)
 """The ``importance_ratio`` given to ``kl.kl_loss``: none, pi_theta/pi_old per token detached (the trainer's
 loss placement) or with gradient (``use_bias_correction_kl``, TRL's own KL), TRL's GSPO ratio with gradient
 (TRL's own KL with ``importance_sampling_level="sequence"``), the sequence weight pi_theta(y)/pi_old(y)
-detached or with gradient (``importance.sequence_weight``)."""
+detached or with gradient (``importance.sequence_weight``). ``kl_sequence``: the trainer's
+``kl_importance_weight="sequence"`` term, ``importance.sequence_weighted_kl_loss`` (pi_theta(y)/q(y) from q's
+log-probs, with its gradient for k1 and k3, detached otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -389,6 +398,14 @@ class Form:
             raise ValueError("per-decision weights correct to q themselves and carry a return-to-go penalty")
         if self.term == "reward" and (self.placement != "reward" or self.ppo_clip is not None):
             raise ValueError("the reward term is the reward placement's advantage, evaluated without the PPO clip")
+        if self.ratio == "kl_sequence" and (
+            self.term != "kl" or self.correction != "none" or self.ppo_clip is not None
+            or self.scope == "sequence_prenorm" or (self.placement == "reward" and self.penalty_from != "current")
+        ):
+            raise ValueError(
+                "kl_sequence is the trainer's kl_importance_weight='sequence' KL term: its weight corrects to q itself "
+                "(no sampler correction), outside the PPO clip, with the current policy's penalty"
+            )
 
     @property
     def name(self) -> str:
@@ -437,6 +454,13 @@ def per_sample_loss(r: Rollout, form: Form, shaped: torch.Tensor | None = None) 
     for ``full``) with the ``importance_ratio`` of ``form.ratio`` times the sampler correction. So for a KL
     row the expected gradient is to be compared with +grad KL, for the reward term with -grad E[R]."""
     mask, corr = r.mask, _sampler_factor(r, form)
+    if form.ratio == "kl_sequence":  # the trainer's kl_importance_weight="sequence" term, its own functions
+        if form.placement == "reward":
+            per_token = importance.sequence_weighted_penalty(_penalty(r, form), r.logp, r.sampling, mask, form.scope)
+        else:
+            per_token = importance.sequence_weighted_kl_loss(form.estimator, _kl_per_token(r, form), r.logp,
+                                                             r.sampling, mask)
+        return (per_token * mask).sum(-1)
     if form.placement == "reward":
         if shaped is None:
             penalty = _penalty(r, form)
@@ -453,12 +477,114 @@ def per_sample_loss(r: Rollout, form: Form, shaped: torch.Tensor | None = None) 
         per_token = importance.clipped_surrogate_loss(coef, shaped, eps, eps) * corr
         return (per_token * mask).sum(-1)
     ratio = _loss_ratio(r, form.ratio)
-    if form.estimator == "full":  # the exact per-state KL (an expectation over the token) at each visited state
-        per_token = kl.full_kl(r.logits[r.states], r.ref_logits[r.states])
+    if form.estimator == "full":
+        per_token = _kl_per_token(r, form)
         per_token = per_token if ratio is None else per_token * ratio
     else:
         per_token = kl.kl_loss(form.estimator, r.logp, r.ref, importance_ratio=ratio)
     return (per_token * corr * mask).sum(-1)
+
+
+def _kl_per_token(r: Rollout, form: Form) -> torch.Tensor:
+    """The loss placement's per-token KL, differentiable: ``kl.estimate``, or for ``full`` the exact per-state KL
+    (an expectation over the token) at each visited state, ``kl.full_kl``."""
+    if form.estimator == "full":
+        return kl.full_kl(r.logits[r.states], r.ref_logits[r.states])
+    return kl.estimate(form.estimator, r.logp, r.ref)
+
+
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+"""TRL's loss types whose per-token loss is ``importance.clipped_surrogate_loss``, the surrogate ``Form`` evaluates."""
+
+
+def trainer_form(config) -> Form:
+    """The ``Form`` of the KL term ``trl_kl.GRPOTrainer`` trains with ``config``: a ``trl_kl.GRPOConfig``, or any
+    object with its field names (``TrainerConfig``). The KL forms of the tables are the trainer's when built here:
+    ``tests/test_grpo_vllm.py`` checks, on the trainer's own micro-batches, that its loss equals ``per_sample_loss``
+    of this form.
+
+    * ``kl_importance_weight="token"``, reward placement: the penalty of pi_old (eq. 39) in the advantage, under
+      TRL's ``importance_sampling_level`` ratio, its PPO clip (``epsilon``) and, with ``use_vllm``, its sampler
+      correction (``vllm_importance_sampling_mode``, ``vllm_importance_sampling_clip_max``);
+    * loss placement: the per-token ratio (``token``; ``token_grad`` with ``use_bias_correction_kl``; none for
+      ``full``) times the same sampler correction;
+    * ``"sequence"``: ``kl_sequence`` (whatever TRL's ratio, clip and correction, which act on the reward's
+      advantage only).
+
+    Raises for what ``Form`` cannot express: a lower bound on the sampler correction, asymmetric or two-sided
+    clipping, a loss type outside ``CLIPPED_LOSS_TYPES`` with the KL in the advantage."""
+    estimator, placement = config.kl_estimator, config.kl_placement
+    if config.kl_importance_weight == "sequence":
+        if placement == "reward":
+            return Form("reward", estimator, config.kl_reward_scope, "kl_sequence", penalty_from="current")
+        return Form("loss", estimator, "-", "kl_sequence")
+    correction, cap = "none", None
+    if config.use_vllm and config.vllm_importance_sampling_correction:
+        if config.vllm_importance_sampling_clip_min is not None:
+            raise ValueError("the harness's sampler correction has an upper bound only")
+        correction, cap = config.vllm_importance_sampling_mode, config.vllm_importance_sampling_clip_max
+    if placement == "loss":
+        ratio = "none" if estimator == "full" else "token_grad" if config.use_bias_correction_kl else "token"
+        return Form("loss", estimator, "-", ratio, correction, cap)
+    high = config.epsilon if config.epsilon_high is None else config.epsilon_high
+    if high != config.epsilon or config.delta is not None or config.loss_type not in CLIPPED_LOSS_TYPES:
+        raise ValueError("the harness's PPO clip is symmetric, without delta, for the clipped-surrogate loss types")
+    return Form("reward", estimator, config.kl_reward_scope, config.importance_sampling_level, correction, cap,
+                "old", config.epsilon)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The fields of ``trl_kl.GRPOConfig`` that decide the trainer's KL term (``trainer_form``), with their
+    defaults, except ``use_vllm=True``: the rollout comes from an engine with TRL's default correction
+    (``sequence_mask``, cap 3), which changes nothing where the sampler is pi_old (on-policy, stale)."""
+
+    kl_importance_weight: str = "token"
+    kl_estimator: str = "k1"
+    kl_placement: str = "reward"
+    kl_reward_scope: str = "return_to_go"
+    importance_sampling_level: str = "token"
+    use_bias_correction_kl: bool = False
+    use_vllm: bool = True
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    loss_type: str = "dr_grpo"
+
+    @property
+    def label(self) -> str:
+        """The config as the non-default GRPOConfig fields that name it, e.g.
+        ``kl_placement="loss", kl_estimator="k2"``."""
+        default = TrainerConfig()
+        names = ("kl_importance_weight", "kl_placement", "kl_estimator", "kl_reward_scope",
+                 "importance_sampling_level", "use_bias_correction_kl")
+        shown = {"kl_estimator"} if self.kl_placement == "loss" else set()
+        changed = [f"{n}={getattr(self, n)!r}" for n in names if getattr(self, n) != getattr(default, n) or n in shown]
+        return ", ".join(changed) or "defaults"
+
+
+TRAINER_CONFIGS: tuple[TrainerConfig, ...] = (
+    TrainerConfig(),
+    TrainerConfig("sequence"),
+    TrainerConfig(kl_reward_scope="sequence"),
+    TrainerConfig("sequence", kl_reward_scope="sequence"),
+    TrainerConfig(kl_reward_scope="token"),
+    TrainerConfig("sequence", kl_reward_scope="token"),
+    TrainerConfig(kl_reward_scope="sequence", importance_sampling_level="sequence"),
+    TrainerConfig(kl_estimator="k2", kl_placement="loss"),
+    TrainerConfig("sequence", kl_estimator="k2", kl_placement="loss"),
+    TrainerConfig(kl_estimator="full", kl_placement="loss"),
+    TrainerConfig("sequence", kl_estimator="full", kl_placement="loss"),
+    TrainerConfig("sequence", kl_estimator="k1", kl_placement="loss"),
+    TrainerConfig("sequence", kl_estimator="k3", kl_placement="loss"),
+    TrainerConfig(kl_estimator="k3", kl_placement="loss", use_bias_correction_kl=True),
+)
+"""Rows of the trainer table of docs/kl_gradient_bias.md: the two ``kl_importance_weight`` settings for the
+configurations the trainer accepts without ``allow_unsound_kl``."""
 
 
 def _loss_ratio(r: Rollout, ratio: str) -> torch.Tensor | None:
@@ -908,7 +1034,7 @@ def format_scenarios(stats: dict[str, list[ScenarioStats]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def _form_columns(f: Form) -> str:
+def _form_columns(f: Form) -> list[str]:
     if f.term == "reward":
         what = f"reward term, scale_rewards={f.scale}"
     else:
@@ -918,23 +1044,43 @@ def _form_columns(f: Form) -> str:
         if f.ppo_clip is not None:
             what += f", PPO clip {f.ppo_clip:g}"
     penalty = f.penalty_from if (f.placement == "reward" and f.term == "kl") else "–"
-    return f"| {what} | {f.ratio} | {f.correction_label} | {penalty} |"
+    return [what, f.ratio, f.correction_label, penalty]
+
+
+def _scenario_table(
+    columns: Sequence[str],
+    leads: Sequence[Sequence[str]],
+    rows: Sequence[OffPolicyRow],
+    variance_scenarios: Sequence[str],
+) -> str:
+    """Markdown table: the leading ``columns`` (each row's cells in ``leads``), one cell per scenario
+    (``OffPolicyRow.cell``), then the variance E‖g − E g‖² on-policy and in each of ``variance_scenarios``
+    (mean over seeds)."""
+    scenarios = rows[0].scenarios
+    variance = "variance on-policy → " + " → ".join(variance_scenarios)
+    head = f"| {' | '.join([*columns, *scenarios, variance])} |\n|" + "---|" * (len(columns) + len(scenarios) + 1)
+    lines = [
+        f"| {' | '.join([*lead, *(r.cell(s) for s in scenarios)])} | "
+        + " → ".join(_fmt(r.mean_variance(s)) for s in ("on_policy", *variance_scenarios))
+        + " |"
+        for lead, r in zip(leads, rows, strict=True)
+    ]
+    return head + "\n" + "\n".join(lines) + "\n"
 
 
 def format_offpolicy_table(rows: Sequence[OffPolicyRow], variance_scenario: str = "stale_engine") -> str:
-    """Markdown table of ``offpolicy_table`` rows: one cell per scenario (``OffPolicyRow.cell``), then the
-    variance E‖g − E g‖² on-policy and in ``variance_scenario`` (mean over seeds)."""
-    scenarios = rows[0].scenarios
-    head = (
-        "| form | policy ratio | sampler correction | penalty from | "
-        + " | ".join(scenarios)
-        + f" | variance on-policy → {variance_scenario} |\n|"
-        + "---|" * (5 + len(scenarios))
-        + "\n"
-    )
-    lines = []
-    for r in rows:
-        cells = " | ".join(r.cell(s) for s in scenarios)
-        var = f"{_fmt(r.mean_variance('on_policy'))} → {_fmt(r.mean_variance(variance_scenario))}"
-        lines.append(f"{_form_columns(r.form)} {cells} | {var} |")
-    return head + "\n".join(lines) + "\n"
+    """Markdown table of ``offpolicy_table`` rows: the form's columns, one cell per scenario, the variance
+    on-policy and in ``variance_scenario``."""
+    columns = ("form", "policy ratio", "sampler correction", "penalty from")
+    return _scenario_table(columns, [_form_columns(r.form) for r in rows], rows, (variance_scenario,))
+
+
+TRAINER_VARIANCE_SCENARIOS = ("stale_engine", "engine_far")
+
+
+def format_trainer_table(configs: Sequence[TrainerConfig], rows: Sequence[OffPolicyRow]) -> str:
+    """Markdown table of the trainer's configurations (``TRAINER_CONFIGS``) and their ``offpolicy_table`` rows
+    (of ``trainer_form(config)``, in the same order): one cell per scenario, then the variance on-policy and in
+    ``TRAINER_VARIANCE_SCENARIOS``."""
+    leads = [(config.label, f"`{r.form.name}`") for config, r in zip(configs, rows, strict=True)]
+    return _scenario_table(("GRPOConfig (beta > 0)", "harness form"), leads, rows, TRAINER_VARIANCE_SCENARIOS)

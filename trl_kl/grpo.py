@@ -8,13 +8,19 @@ config to loss:
   ``kl_settings``. The coefficient is the trainer's ``kl_coef`` (``beta`` at the start, moved by ``kl_target``).
 * rollout: ``_calculate_rewards`` keeps the gathered rewards; ``_generate_and_score_completions`` replaces TRL's
   advantages by the group-normalised ones with clip_std (eq. 41). They hold no KL, whatever the scope.
-* loss, one micro-batch (``_compute_loss``): TRL's own ``_compute_loss`` (importance ratio, PPO-2 clip, every
-  ``loss_type``) runs with its KL term off (``_trl.trl_kl_term_off``). Right after its policy forward, before its
-  surrogate reads the advantages, ``_policy_logps_ready`` forms the KL penalty once: for the reward placement the
-  per-token advantage R = A - kl_coef * (penalty carried per ``kl_reward_scope``) that the surrogate then reads;
-  for ``kl_estimator="full"`` the exact KL over the vocabulary from the same forward's hidden states and one
-  reference forward (``trl_kl.full_kl``). Then the loss placement's term is added and the ``kl/*`` and ``is/*``
-  metrics logged, from those same values.
+* loss, one micro-batch (``_compute_loss``): TRL's own ``_compute_loss`` (importance ratio, PPO-2 clip, vLLM
+  correction, every ``loss_type``) runs with its KL term off (``_trl.trl_kl_term_off``). Right after its policy
+  forward, before its surrogate reads the advantages, ``_policy_logps_ready`` forms the KL penalty once: for the
+  reward placement with ``kl_importance_weight="token"`` the per-token advantage R = A - kl_coef * (penalty
+  carried per ``kl_reward_scope``) that the surrogate then reads; for ``kl_estimator="full"`` the exact KL over the
+  vocabulary from the same forward's hidden states and one reference forward (``trl_kl.full_kl``). Then the KL
+  loss term (``_kl_loss_term``: the loss placement's, or with ``kl_importance_weight="sequence"`` the KL weighted
+  by pi_theta(y) / q(y), ``trl_kl.importance``) is added and the ``kl/*`` and ``is/*`` metrics logged, from those
+  same values.
+
+When the sampler is not the policy (stale rollouts, vLLM; docs/theory.md#sampler-mismatch) the functions the
+trainer composes are those ``trl_kl.exact_gradients`` evaluates (``exact_gradients.trainer_form`` names the form
+of a config; ``tests/test_grpo_vllm.py`` checks the trainer's loss against it).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from functools import partial
 import torch
 import trl
 
-from . import kl
+from . import importance, kl
 from .advantages import SCALE_MODES, effective_sample_size, group_normalized_advantages, validate_std_bounds
 from .config import KLConfigMixin, KLSettings, check_choice
 from .full_kl import chunked_full_kl
@@ -54,6 +60,21 @@ class GRPOConfig(KLConfigMixin, trl.GRPOConfig):
             "choices": list(kl.REWARD_SCOPES),
         },
     )
+    kl_importance_weight: str = field(
+        default="token",
+        metadata={
+            "help": "How the KL term is corrected when the sampler is not the policy being trained (stale rollouts: "
+            "num_iterations, steps_per_generation; an inference engine: vLLM). 'token' (eq. 39): the penalty from the "
+            "rollout's log-probs (pi_old), the KL-shaped advantage under TRL's importance ratio, clip and vLLM "
+            "correction; a KL loss times the per-token ratio and the same vLLM correction. Exact on the first "
+            "optimizer step of a rollout (with a sequence-level vLLM correction), a trust-region approximation after. "
+            "'sequence': the penalty from the current policy's log-probs and the KL term weighted by the sequence's "
+            "likelihood ratio pi_theta(y)/q(y) (q: the sampler, vLLM's log-probs when it generated), outside TRL's "
+            "ratio and clip: exact on every step for k1 in the reward (return_to_go, sequence) and k1 or k3 as a "
+            "loss, at a higher variance (is/ess). docs/theory.md#sampler-mismatch. Needs beta > 0.",
+            "choices": list(importance.KL_IMPORTANCE_WEIGHTS),
+        },
+    )
     clip_std_min: float | None = field(
         default=None,
         metadata={
@@ -65,7 +86,7 @@ class GRPOConfig(KLConfigMixin, trl.GRPOConfig):
         default=None, metadata={"help": "Upper bound of the group std in advantage normalisation (eq. 41)."}
     )
 
-    KL_FIELDS = (*KLConfigMixin.KL_FIELDS, "kl_reward_scope")
+    KL_FIELDS = (*KLConfigMixin.KL_FIELDS, "kl_reward_scope", "kl_importance_weight")
 
     def __post_init__(self):
         super().__post_init__()  # TRL's checks, then _validate_kl
@@ -86,23 +107,58 @@ class GRPOConfig(KLConfigMixin, trl.GRPOConfig):
 
     def _validate_kl(self) -> None:
         check_choice("kl_reward_scope", self.kl_reward_scope, kl.REWARD_SCOPES)
+        check_choice("kl_importance_weight", self.kl_importance_weight, importance.KL_IMPORTANCE_WEIGHTS)
         super()._validate_kl()
         if self.kl_placement == "loss" and self.kl_reward_scope != "return_to_go":
             raise ValueError(
                 f"kl_reward_scope={self.kl_reward_scope!r} says how the penalty is carried in the *reward*; with "
                 "kl_placement='loss' there is none. Unset kl_reward_scope or use kl_placement='reward'."
             )
-        per_token_advantages = self.beta != 0 and self.kl_placement == "reward" and self.kl_reward_scope != "sequence"
-        if per_token_advantages and self.loss_type == "vespo":
+        if self.use_bias_correction_kl and self.kl_importance_weight == "sequence":
+            raise ValueError(
+                "use_bias_correction_kl=True multiplies the KL loss by the per-token ratio with its gradient; "
+                "kl_importance_weight='sequence' already multiplies it by the sequence's likelihood ratio with its "
+                "gradient (the exact form of the same idea): use one of them, e.g. use_bias_correction_kl=False."
+            )
+        # with kl_importance_weight="token" the reward placement's KL is inside the advantage TRL's surrogate reads
+        kl_in_advantage = self.beta != 0 and self.kl_placement == "reward" and self.kl_importance_weight == "token"
+        if kl_in_advantage and self.kl_reward_scope != "sequence" and self.loss_type == "vespo":
             raise ValueError(
                 "loss_type='vespo' weights whole sequences by the sign of their advantage, so it cannot take "
                 "per-token KL-shaped advantages: use kl_reward_scope='sequence' (the same penalty on every token of a "
-                "completion), kl_placement='loss', or another loss_type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, "
-                "luspo)."
+                "completion), kl_importance_weight='sequence' (the KL as its own term, outside the advantage), "
+                "kl_placement='loss', or another loss_type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo)."
+            )
+        gspo = self.importance_sampling_level == "sequence"
+        if kl_in_advantage and gspo and self.kl_reward_scope != "sequence" and not self.allow_unsound_kl:
+            raise ValueError(
+                f"importance_sampling_level='sequence' (GSPO) with kl_reward_scope={self.kl_reward_scope!r}: GSPO's "
+                "ratio is the geometric mean of the token ratios, one value for the whole completion whose gradient "
+                "is grad log pi(y) / |y|, so a penalty that differs from token to token is misweighted even "
+                "on-policy: the return_to_go form is biased (relative error 0.64 against the sequence-KL gradient, "
+                "docs/kl_gradient_bias.md) and the token scope becomes the KL gradient divided by the length. Use "
+                "kl_reward_scope='sequence' (exact with GSPO), kl_importance_weight='sequence' (the KL weighted "
+                "outside TRL's ratio: every scope), importance_sampling_level='token', or allow_unsound_kl=True for "
+                "an ablation."
             )
 
+    def _kl_loss_weighted_with_gradient(self) -> bool:
+        return (
+            self.kl_importance_weight == "sequence"
+            and self.kl_placement == "loss"
+            and self.kl_estimator in importance.UNBIASED_VALUE_ESTIMATORS
+        )
+
     def kl_settings(self) -> KLSettings:
-        return replace(super().kl_settings(), reward_scope=self.kl_reward_scope)
+        return replace(
+            super().kl_settings(), reward_scope=self.kl_reward_scope, importance_weight=self.kl_importance_weight
+        )
+
+
+WEIGHT_METRICS = ("is/ess", "is/seq_weight_mean", "is/seq_weight_max")
+"""The metrics of the sequence weights W = pi_theta(y) / q(y) of a micro-batch (q: the sampler, vLLM's log-probs
+when it generated, else pi_old), over every process: the effective sample size fraction (sum W)^2 / (n sum W^2),
+the mean of W (1 in expectation when q covers the policy) and its largest value. 1 when q = pi_theta."""
 
 
 def loss_mask(inputs: dict) -> torch.Tensor:
@@ -120,7 +176,8 @@ class _MicroBatch:
     logps: torch.Tensor | None = None
     """The policy's per-token log-probs ``(B, T)``, with their graph."""
     penalty: torch.Tensor | None = None
-    """Reward placement: the sampling policy's per-token penalty ``(B, T)`` (eq. 20/35), detached."""
+    """Reward placement: the per-token penalty (eq. 20/35) ``(B, T)``, detached: of pi_old
+    (``kl_importance_weight="token"``) or of the current policy (``"sequence"``)."""
     full_kl: torch.Tensor | None = None
     """``kl_estimator="full"``: the exact per-state KL ``(B, T)``, differentiable in the policy."""
 
@@ -129,11 +186,18 @@ class _MicroBatch:
         return loss_mask(self.inputs)
 
     @property
-    def sampling_logps(self) -> torch.Tensor:
-        """Log-probs of the sampling policy pi_old: TRL's ``old_per_token_logps``, or, when TRL skips them because
-        the step is on-policy, the current log-probs detached (numerically pi_old)."""
+    def old_logps(self) -> torch.Tensor:
+        """Log-probs of pi_old, the trainer's policy when the rollout was made: TRL's ``old_per_token_logps``, or,
+        when TRL skips them because the step is on-policy, the current log-probs detached (numerically pi_old)."""
         old = self.inputs.get("old_per_token_logps")
         return self.logps.detach() if old is None else old
+
+    @property
+    def sampler_logps(self) -> torch.Tensor:
+        """Log-probs of q, the sampler that drew the tokens: the inference engine's when vLLM generated them
+        (``_trl.sampler_logps``), else pi_old's."""
+        engine = _trl.sampler_logps(self.inputs)
+        return self.old_logps if engine is None else engine
 
 
 class GRPOTrainer(trl.GRPOTrainer):
@@ -271,9 +335,12 @@ class GRPOTrainer(trl.GRPOTrainer):
     def _policy_logps_ready(self, micro: _MicroBatch, forward: _trl.PolicyForward) -> None:
         """The policy's log-probs of this micro-batch are ready, and TRL's surrogate has not read the advantages yet.
 
-        Reward placement: the sampling policy's per-token penalty (eq. 20/35), and, when the advantages carry it
-        (``kl_reward_scope``; PPO carries it in its rewards instead), the per-token advantage
-        R[i, t] = A[i] - kl_coef * (penalty carried per scope) (eq. 39) that the surrogate reads next.
+        Reward placement: the per-token penalty (eq. 20/35), of pi_old with ``kl_importance_weight="token"`` (eq. 39:
+        exact on the first optimizer step of a rollout, PPO's frozen reward after it) or of the current policy with
+        ``"sequence"`` (exact on every step; docs/theory.md#sampler-mismatch). With ``"token"``, when the advantages
+        carry it (``kl_reward_scope``; PPO carries it in its rewards instead), the per-token advantage
+        R[i, t] = A[i] - kl_coef * (penalty carried per scope) (eq. 39) that the surrogate reads next; with
+        ``"sequence"`` the advantages stay A and the KL becomes its own loss term (``_kl_loss_term``).
         ``kl_estimator="full"``: the exact per-state KL over the vocabulary, from this forward's hidden states and
         one reference forward (docs/theory.md#full-kl)."""
         micro.logps = forward.logps
@@ -281,10 +348,14 @@ class GRPOTrainer(trl.GRPOTrainer):
             return
         settings, inputs = self.kl_settings, micro.inputs
         if settings.in_reward:
+            current = settings.importance_weight == "sequence"
             micro.penalty = kl.reward_penalty(
-                settings.estimator, micro.sampling_logps, inputs["ref_per_token_logps"], settings.k3_clip_max
+                settings.estimator,
+                micro.logps.detach() if current else micro.old_logps,
+                inputs["ref_per_token_logps"],
+                settings.k3_clip_max,
             )
-            if settings.reward_scope is not None:
+            if settings.reward_scope is not None and not current:
                 inputs["advantages"] = kl.kl_shaped_advantages(
                     inputs["advantages"], micro.penalty, micro.mask, self.kl_coef, settings.reward_scope
                 )
@@ -330,56 +401,81 @@ class GRPOTrainer(trl.GRPOTrainer):
         )
         return args
 
-    # ---- the loss placement's term, and the metrics ---------------------------------------------------------
+    # ---- the KL loss term, and the metrics ------------------------------------------------------------------
 
     def _kl_loss_and_metrics(self, micro: _MicroBatch) -> torch.Tensor | float:
-        """The loss placement's KL term (0 otherwise), ``kl_coef`` times its TRL-normalised mean; and this
-        micro-batch's ``kl/*`` and ``is/*`` metrics."""
+        """The KL loss term (``_kl_loss_term``; 0 when the KL is inside the advantages), ``kl_coef`` times its
+        TRL-normalised mean; and this micro-batch's ``kl/*`` and ``is/*`` metrics."""
         inputs, logps = micro.inputs, micro.logps
         mask = micro.mask.to(logps.dtype)
-        old = inputs.get("old_per_token_logps")
-        token, sequence, maxima, log_weights, ratio = {}, {}, {}, None, None
-        if old is not None:  # is/*: the importance ratio pi_theta / pi_old of this micro-batch (detached)
-            log_ratio = logps.detach() - old
-            ratio = torch.exp(log_ratio.clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
+        old, engine = inputs.get("old_per_token_logps"), _trl.sampler_logps(inputs)
+        token, sequence, maxima, log_weights = {}, {}, {}, None
+        if old is not None:  # is/ratio_*, is/clip_frac: the policy ratio pi_theta / pi_old (detached)
+            ratio = importance.token_ratio(logps.detach(), old)
             outside = (ratio < 1 - self.epsilon_low) | (ratio > 1 + self.epsilon_high)
             token.update({"is/ratio_mean": ratio, "is/clip_frac": outside})
-            maxima["is/ratio_max"], log_weights = ratio, kl.sequence_sum(log_ratio, mask)
+            maxima["is/ratio_max"] = ratio
+        if old is not None or engine is not None:  # is/ess, is/seq_weight_*: the whole weight pi_theta(y) / q(y)
+            log_weights = importance.sequence_log_weight(logps.detach(), micro.sampler_logps, mask).squeeze(-1)
         loss = 0.0
         if self._kl_on:
-            ref_logps = inputs["ref_per_token_logps"]
-            kl_token, sequence = self._kl_metrics(logps.detach(), micro.sampling_logps, ref_logps, mask)
+            kl_token, sequence = self._kl_metrics(logps.detach(), micro.old_logps, inputs["ref_per_token_logps"], mask)
             token.update(kl_token)
             if self.kl_settings.in_reward:
                 token["kl/reward_penalty"] = micro.penalty
-            else:
-                per_token = self._kl_loss_term(micro, ratio)
-                token["kl/loss_term"] = per_token
+            per_token = self._kl_loss_term(micro)
+            if per_token is not None:
+                if not self.kl_settings.in_reward:
+                    token["kl/loss_term"] = per_token
                 loss = self.kl_coef * _trl.aggregate_like_trl(self, per_token, mask, inputs)
         self._log_metrics(mask, token, sequence, maxima, log_weights)
-        if old is None:  # on-policy: the ratio is exactly 1
-            metrics = _trl.metrics(self, "train" if self.model.training else "eval")
-            for name, value in (("is/ratio_mean", 1.0), ("is/ratio_max", 1.0), ("is/clip_frac", 0.0), ("is/ess", 1.0)):
+        metrics = _trl.metrics(self, "train" if self.model.training else "eval")
+        if old is None:  # pi_theta = pi_old: the ratio is exactly 1
+            for name, value in (("is/ratio_mean", 1.0), ("is/ratio_max", 1.0), ("is/clip_frac", 0.0)):
                 metrics[name].append(value)
+        if log_weights is None:  # and q = pi_old: every weight is 1
+            for name in WEIGHT_METRICS:
+                metrics[name].append(1.0)
         return loss
 
-    def _kl_loss_term(self, micro: _MicroBatch, detached_ratio: torch.Tensor | None) -> torch.Tensor:
-        """The per-token KL loss of ``kl_placement='loss'``, ``(B, T)``, differentiable in the policy log-probs;
-        ``detached_ratio`` is pi_theta / pi_old off-policy (None on-policy)."""
-        settings = self.kl_settings
+    def _kl_loss_term(self, micro: _MicroBatch) -> torch.Tensor | None:
+        """The per-token KL term added to TRL's loss, ``(B, T)``, differentiable in the policy log-probs; None when
+        the KL is inside the advantages (reward placement, ``kl_importance_weight="token"``).
+
+        * ``kl_importance_weight="sequence"``: the KL weighted by the sequence's likelihood ratio pi_theta(y) / q(y),
+          reward placement ``importance.sequence_weighted_penalty``, loss placement
+          ``importance.sequence_weighted_kl_loss`` (exact under any sampler that covers the policy for k1 in the
+          reward with return_to_go or sequence scope, and k1 or k3 as a loss; docs/theory.md#sampler-mismatch).
+        * ``"token"``, loss placement: the estimator times the importance ratio pi_theta / pi_old per token
+          (detached: each estimator keeps its on-policy gradient off-policy, E_old[rho grad f] = E_pi[grad f]; with
+          its gradient for ``use_bias_correction_kl``) and times TRL's vLLM correction pi_old / q
+          (``_trl.sampler_correction``), the factor TRL's surrogate applies to the reward placement's KL too. The
+          exact KL over the vocabulary (``full``) is an expectation over the action already: no policy ratio."""
+        settings, mask = self.kl_settings, micro.mask
+        if settings.in_reward:
+            if settings.importance_weight == "token":
+                return None
+            return importance.sequence_weighted_penalty(
+                micro.penalty, micro.logps, micro.sampler_logps, mask, settings.reward_scope
+            )
+        ref_logps = micro.inputs["ref_per_token_logps"]
+        if settings.importance_weight == "sequence":
+            per_token = micro.full_kl if settings.estimator == "full" else kl.estimate(
+                settings.estimator, micro.logps, ref_logps, settings.k3_clip_max
+            )
+            return importance.sequence_weighted_kl_loss(
+                settings.estimator, per_token, micro.logps, micro.sampler_logps, mask
+            )
         if settings.estimator == "full":
-            # Exact KL(pi(.|s_t) || pi_ref(.|s_t)) over the vocabulary at each visited state (section 4, way (1);
-            # appendix A): an expectation over actions already, so no sampled action to re-weight, no ratio.
-            return micro.full_kl
-        # A detached importance ratio keeps each estimator's on-policy gradient off-policy
-        # (E_old[rho grad f] = E_pi[grad f]); on-policy it is exactly 1. use_bias_correction_kl keeps its gradient.
-        ratio = detached_ratio
-        if settings.bias_correction:
-            ratio = torch.exp((micro.logps - micro.sampling_logps).clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
-        return kl.kl_loss(
-            settings.estimator, micro.logps, micro.inputs["ref_per_token_logps"], settings.k3_clip_max,
-            importance_ratio=ratio,
-        )
+            per_token = micro.full_kl
+        else:
+            ratio = importance.token_ratio(micro.logps, micro.old_logps)
+            per_token = kl.kl_loss(
+                settings.estimator, micro.logps, ref_logps, settings.k3_clip_max,
+                importance_ratio=ratio if settings.bias_correction else ratio.detach(),
+            )
+        correction = _trl.sampler_correction(micro.inputs)
+        return per_token if correction is None else per_token * correction
 
     # ---- metrics ------------------------------------------------------------------------------------
 
@@ -394,9 +490,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         """Log under TRL's metrics (``_trl.metrics``), over every process, with one gather and one host sync per call
         (not one per metric: on a small model a sync costs as much as the metric): masked per-token means (``token``,
         ``(B, T)`` each), per-sequence means (``sequence``, ``(B,)`` each), masked maxima (``maxima``, ``(B, T)``
-        each; NaN when no process has a token, which TRL's ``log`` drops) and ``is/ess``, the effective sample
-        size fraction of the per-sequence importance log-weights ``log_weights`` ``(B,)``. Every process must
-        pass the same names and the same B (TRL's micro-batches are equal-sized)."""
+        each; NaN when no process has a token, which TRL's ``log`` drops) and ``WEIGHT_METRICS`` (effective
+        sample size fraction, mean and maximum) of the per-sequence importance log-weights ``log_weights``
+        ``(B,)``. Every process must pass the same names and the same B (TRL's micro-batches are equal-sized)."""
         mode = "train" if self.model.training else "eval"
         token, sequence, maxima = token or {}, sequence or {}, maxima or {}
         selected = mask.bool()
@@ -417,21 +513,24 @@ class GRPOTrainer(trl.GRPOTrainer):
         n_sums = len(token) + len(sequence) + 2
         results = [table[:, :n_sums].sum(0), table[:, n_sums : n_sums + len(maxima)].amax(0)]
         if log_weights is not None:
-            results.append(effective_sample_size(table[:, n_sums + len(maxima) :].reshape(-1)).float().reshape(1))
+            all_log_weights = table[:, n_sums + len(maxima) :].reshape(-1)
+            weights = torch.exp(all_log_weights.clamp(-kl.LOG_RATIO_BOUND, kl.LOG_RATIO_BOUND))
+            ess = effective_sample_size(all_log_weights).float()
+            results.append(torch.stack([ess, weights.mean(), weights.max()]))
         values = torch.cat(results).tolist()
         totals, (tokens, sequences), rest = values[: n_sums - 2], values[n_sums - 2 : n_sums], values[n_sums:]
         metrics = _trl.metrics(self, mode)
         for name, total in zip([*token, *sequence], totals, strict=True):
             metrics[name].append(total / max(tokens if name in token else sequences, 1.0))
-        for name, value in zip([*maxima, "is/ess"], rest):
+        for name, value in zip([*maxima, *WEIGHT_METRICS], rest):
             metrics[name].append(value if value != float("-inf") else float("nan"))
 
-    def _kl_metrics(self, logps, sampling_logps, ref_logps, mask) -> tuple[dict, dict]:
+    def _kl_metrics(self, logps, old_logps, ref_logps, mask) -> tuple[dict, dict]:
         """``kl/*`` whatever the estimator trained: k1, k2, k3 of the current policy (and TRL's ``kl`` key, the
         k3 mean), the sampling policy's sequence KL, how often a log-ratio hit the clamp. Returns the per-token
         and per-sequence values whose means the caller logs."""
         current_log_ratio = kl.log_ratio(logps, ref_logps)
-        sampling_log_ratio = kl.log_ratio(sampling_logps, ref_logps)
+        sampling_log_ratio = kl.log_ratio(old_logps, ref_logps)
         clamped = (sampling_log_ratio.abs() > kl.LOG_RATIO_BOUND) | (current_log_ratio.abs() > kl.LOG_RATIO_BOUND)
         k3 = kl.k3(logps, ref_logps)
         token = {

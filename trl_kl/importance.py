@@ -23,6 +23,12 @@ sequence-level objective exact under any sampler. ``sequence_log_weight`` / ``se
 ``prefix_weights`` the per-decision weights pi(y_<=t) / q(y_<=t)), with the exponent clamped at
 ``+-kl.LOG_RATIO_BOUND`` as everywhere in ``kl.py`` and the gradient kept beyond the clamp.
 
+The trainer's ``kl_importance_weight`` (``GRPOConfig``) chooses between the two: ``"token"`` puts the KL
+through TRL's factors (the KL-shaped advantage under ``coef_1``, its clip and the sampler correction; the loss
+placement's term times ``token_ratio`` and the same correction), ``"sequence"`` weights the KL term by
+pi_theta(y) / q(y) itself (``sequence_weighted_penalty``, ``sequence_weighted_kl_loss``). The exact-gradient
+harness (``trl_kl.exact_gradients``) evaluates these same functions.
+
 Shapes: a mask is float or bool ``(B, T)``, 1 on the tokens that count; per-sequence results are ``(B, 1)``
 so they broadcast onto per-token tensors, as TRL's do.
 """
@@ -33,6 +39,7 @@ import math
 
 import torch
 
+from . import kl
 from .kl import LOG_RATIO_BOUND, masked
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -40,6 +47,14 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 """TRL's ``vllm_importance_sampling_mode``."""
+
+KL_IMPORTANCE_WEIGHTS = ("token", "sequence")
+"""``GRPOConfig.kl_importance_weight``: how the KL term is corrected for the sampler (module docstring)."""
+
+UNBIASED_VALUE_ESTIMATORS = ("k1", "k3")
+"""The sampled estimators whose value is unbiased for the per-state KL (E_pi[k] = KL(pi || pi_ref) at each
+state), so that the summed estimator times the sequence weight *with its gradient* has expected gradient
+grad KL(pi(y) || pi_ref(y)) (``sequence_weighted_kl_loss``)."""
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
@@ -137,6 +152,14 @@ def _exp_clamped_keep_gradient(log_w: torch.Tensor) -> torch.Tensor:
     return w + w * (log_w - log_w.detach())
 
 
+def token_ratio(logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
+    """pi_theta / pi_old per token, ``(B, T)``: ``exp(clamp(logps - old_logps, +-LOG_RATIO_BOUND))`` in value,
+    ``ratio * grad log pi_theta`` in gradient, also beyond the clamp (the literal derivative of a clamped exp is 0
+    there: a token whose ratio passed e^20 would lose its gradient). The ratio of the loss placement's KL term
+    (detached, or with this gradient for ``use_bias_correction_kl``) and of the ``is/*`` metrics."""
+    return _exp_clamped_keep_gradient(_float(logps) - _float(old_logps))
+
+
 def sequence_weight(logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The sequence's likelihood ratio W = pi(y) / q(y), ``(B, 1)``, with its full gradient
     ``W grad log pi(y)``: multiplied by a per-sequence value V(y) whose expectation under pi is the objective
@@ -167,3 +190,36 @@ def prefix_weights(logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torc
     sequence's weight. Exponent clamped at ``+-kl.LOG_RATIO_BOUND``."""
     diff = masked(torch.nan_to_num(_float(logps) - _float(sampling_logps), nan=0.0), mask)
     return masked(torch.exp(diff.cumsum(-1).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)), mask)
+
+
+def sequence_weighted_penalty(
+    penalty: torch.Tensor, logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, scope: str
+) -> torch.Tensor:
+    """``kl_importance_weight="sequence"``, reward placement: the KL part of the per-token loss, ``(B, T)``,
+    ``W * (penalty carried per scope)`` with W = ``sequence_weight_per_token(logps, sampling_logps, mask)``
+    (the value pi_theta(y) / q(y) on every token, each token's own gradient). It is what the KL-shaped advantage
+    A - beta * carried contributes to TRL's per-token loss (-coef_1 * advantage), with the sequence weight in
+    place of coef_1, TRL's clip and its sampler correction: the caller adds ``beta`` times its TRL-normalised
+    mean to the loss, outside TRL's surrogate. With ``penalty`` the current policy's (``kl.reward_penalty`` of
+    ``logps.detach()``) and the ``return_to_go`` or ``sequence`` scope, k1's expected gradient under any sampler q
+    that covers pi_theta is grad KL(pi_theta(y) || pi_ref(y)) (docs/theory.md#sampler-mismatch)."""
+    weight = sequence_weight_per_token(logps, sampling_logps, mask)
+    return weight * kl.scoped_penalty(penalty, mask, scope).to(weight.dtype)
+
+
+def sequence_weighted_kl_loss(
+    estimator: str, per_token_kl: torch.Tensor, logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``kl_importance_weight="sequence"``, loss placement: the per-token KL loss ``(B, T)`` times the sequence
+    weight W = pi_theta(y) / q(y) (``sequence_weight``).
+
+    * k1, k3 (``UNBIASED_VALUE_ESTIMATORS``): W *with its gradient*. Summed over the tokens, W * sum_t k_t has
+      expected gradient grad E_pi[sum_t k_t] = grad KL(pi_theta(y) || pi_ref(y)) under any sampler that covers
+      pi_theta: the exact loss form, the sequence-level ``use_bias_correction_kl``.
+    * k2, k3_clip, full (``per_token_kl`` the exact per-state KL): W *detached*. Their gradient is a per-state
+      one, not that of the sequence KL; the detached weight makes its expectation under q the term's own
+      on-policy update, whatever the sampler."""
+    weight = sequence_weight(logps, sampling_logps, mask)
+    if estimator not in UNBIASED_VALUE_ESTIMATORS:
+        weight = weight.detach()
+    return _float(per_token_kl) * weight

@@ -3,7 +3,7 @@
 Command line::
 
     python -m trl_kl.verify                  # exact gradients on-policy: which KL form is right (~1 s)
-    python -m trl_kl.verify --off-policy     # ... when the sampler is not the policy (~10 s)
+    python -m trl_kl.verify --off-policy     # ... when the sampler is not the policy, and the trainer's options (~10 s)
     python -m trl_kl.verify --estimators     # appendix D: bias and spread of k1, k2, k3, k3_clip (~2 s)
     python -m trl_kl.verify --all            # all three
 
@@ -45,6 +45,17 @@ def offpolicy_conclusion(rows: Sequence[eg.OffPolicyRow]) -> str:
     )
 
 
+def trainer_conclusion(rows: Sequence[eg.OffPolicyRow]) -> str:
+    """One line: which of the trainer's configurations (``eg.TRAINER_CONFIGS``) are exact under every covering
+    sampler."""
+    exact = [c.label for c, r in zip(eg.TRAINER_CONFIGS, rows)
+             if all(r.verdict(s) == "exact" for s in OFF_POLICY_CHECKED)]
+    return (
+        f"Conclusion: exact under stale rollouts and an engine mismatch: {'; '.join(exact)}; the default "
+        "kl_importance_weight='token' is exact on the first step of a rollout only, at a lower variance."
+    )
+
+
 def _section(title: str, legend: str, table: str, conclusion: str) -> str:
     """A printed table: title, column legend, the markdown table, one line of conclusion."""
     return f"\n== {title} ==\n{legend}\n\n{table}\n{conclusion}\n"
@@ -64,6 +75,13 @@ OFFPOLICY_LEGEND = (
     "Cells: 'exact' = E g equals the target on every seed; 'xc' = c times the target; '= e' = equals the same\n"
     "form's on-policy update, whose error is e; a number = mean relative error ||E g - target|| / ||target||.\n"
     "Target: grad KL(pi || pi_ref) for KL forms, -(1 - 1/G) grad E[R] for the reward term (group of G)."
+)
+
+
+TRAINER_LEGEND = (
+    "Columns: a trl_kl.GRPOConfig (beta > 0, other fields at their defaults, vLLM with TRL's default correction:\n"
+    "sequence_mask, cap 3), the harness form of its KL term (exact_gradients.trainer_form), the scenario cells as\n"
+    "above, and the variance on-policy, in stale_engine and in engine_far."
 )
 
 
@@ -105,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_section(title + ": the reward term", "Columns: as above.", eg.format_offpolicy_table(reward),
                        "Conclusion: the sequence weight keeps the policy gradient of the reward exact; TRL's per-token "
                        "ratio does not once the rollout is stale."))
+        trainer = eg.offpolicy_table([eg.trainer_form(c) for c in eg.TRAINER_CONFIGS], seeds=seeds, V=args.V, T=args.T)
+        print(_section(title + ": the trainer's options (kl_importance_weight)", TRAINER_LEGEND,
+                       eg.format_trainer_table(eg.TRAINER_CONFIGS, trainer), trainer_conclusion(trainer)))
     if args.all or args.estimators:
         est = eb.appendix_d_table(10_000, range(args.estimator_seeds))
         print(_section(f"Appendix D: KL(q || p), q = N(0.1, 0.2), p = N(0, 1), 10,000 samples, "
