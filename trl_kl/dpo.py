@@ -58,7 +58,9 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import pad
 
+from . import guards
 from .advantages import effective_sample_size
+from .reliability import ReliabilityMixin
 
 WINDOW_DIR = "trl_kl_dpo_window"
 """Folder of a checkpoint holding the current window's pairs (``datasets.save_to_disk``)."""
@@ -135,9 +137,17 @@ class DPOConfig(trl.DPOConfig):
         },
     )
 
+    skip_nonfinite_steps: bool = field(default=False, metadata={"help": guards.SKIP_HELP})
+
     def __post_init__(self):
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
+        beta = self.beta
+        if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+            raise ValueError(
+                f"beta must be a finite number > 0 (DPO's KL coefficient; TRL's default 0.1), got {beta!r}: NaN trains "
+                "NaN weights, and beta <= 0 learns nothing or prefers the rejected answers."
+            )
         if not (isinstance(self.sft_weight, (int, float)) and math.isfinite(self.sft_weight) and self.sft_weight >= 0):
             raise ValueError(
                 f"sft_weight must be a finite number >= 0 (the weight of the SFT loss), got {self.sft_weight}."
@@ -212,8 +222,8 @@ def build_preference_pairs(
     """Best-vs-worst preference pairs, one per prompt, from grouped completions and their rewards.
 
     ``completions[i]`` and ``rewards[i]`` are the sampled completions of ``prompts[i]`` and their (summed) rewards;
-    NaN rewards (unscorable) are left out. The chosen answer is the first completion with the highest reward, the
-    rejected one the first with the lowest. A prompt is a *tie*, skipped and counted, when its scored
+    None and non-finite rewards (unscorable) are left out. The chosen answer is the first completion with the
+    highest reward, the rejected one the first with the lowest. A prompt is a *tie*, skipped and counted, when its scored
     completions all have the same reward (or fewer than two were scored, or best and worst are the same text):
     there is no preference to learn. Returns ``(pairs, ties)``; each pair is a dict with ``index`` (the
     prompt's position), ``prompt``, ``chosen``, ``rejected``, ``chosen_reward``, ``rejected_reward``.
@@ -227,7 +237,7 @@ def build_preference_pairs(
     for index, (prompt, group, scores) in enumerate(zip(prompts, completions, rewards, strict=True)):
         if len(group) != len(scores):
             raise ValueError(f"prompt {index}: {len(group)} completions but {len(scores)} rewards.")
-        scored = [(float(s), j) for j, s in enumerate(scores) if s is not None and not math.isnan(float(s))]
+        scored = [(float(s), j) for j, s in enumerate(scores) if s is not None and math.isfinite(float(s))]
         if len(scored) < 2:
             ties += 1
             continue
@@ -266,7 +276,7 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-class DPOTrainer(trl.DPOTrainer):
+class DPOTrainer(ReliabilityMixin, trl.DPOTrainer):
     """``trl.DPOTrainer`` with the SFT term and the resampling loop of ``trl_kl.DPOConfig`` (module docstring).
 
     ``reward_funcs``: callables with TRL's reward-function signature ``f(prompts=..., completions=...,
@@ -529,8 +539,12 @@ class DPOTrainer(trl.DPOTrainer):
         seed = _seed("generate", args.seed, step, self.accelerator.process_index)
         completions, completion_ids = self._generate([self._prompt_source[row]["prompt"] for row in padded_rows], seed)
         completions, completion_ids = completions[: len(local_rows)], completion_ids[: len(local_rows)]
+        self._nonfinite_rewards = 0
         rewards = self._score(local_rows, completions, completion_ids)
         groups = gather_object(list(zip(local_rows, completions, rewards, strict=True)))  # all processes, in order
+        scored_values = sum(len(scores) for _, _, scores in groups) * len(self.reward_funcs)
+        nonfinite = sum(gather_object([self._nonfinite_rewards]))
+        self._metrics["train"][guards.REWARD_METRIC].append(nonfinite / max(scored_values, 1))
         prompts = [self._prompt_source[row]["prompt"] for row, _, _ in groups]
         pairs, ties = build_preference_pairs(prompts, [g for _, g, _ in groups], [s for _, _, s in groups])
         all_rewards = [r for _, _, scores in groups for r in scores if r is not None and not math.isnan(r)]
@@ -623,12 +637,9 @@ class DPOTrainer(trl.DPOTrainer):
                 trainer_state=self.state,
                 **columns,
             )
-            if len(values) != len(flat):
-                raise ValueError(
-                    f"The reward function {getattr(func, '__name__', func)!r} returned {len(values)} rewards for "
-                    f"{len(flat)} completions: it must return one per completion."
-                )
-            values = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
+            values, nonfinite = guards.checked_rewards(values, len(flat), getattr(func, "__name__", repr(func)))
+            self._nonfinite_rewards += nonfinite  # NaN/inf: unscorable, like None (trl_kl.guards)
+            values = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)
             total += torch.nan_to_num(values, nan=0.0)
             scored |= ~torch.isnan(values)
         total[~scored] = math.nan
@@ -765,12 +776,12 @@ class DPOTrainer(trl.DPOTrainer):
 
     # ---- checkpoints: the window and the schedule are training state --------------------------------------
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _trl_kl_state_files(self) -> list[str]:
+        return [WINDOW_STATE, f"{WINDOW_DIR}/"] if self._resampling else []
+
+    def _save_trl_kl_state(self, folder: str) -> None:
         if not self._resampling or self._window is None or self.args.save_only_model or not self.args.should_save:
             return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
         self._window.save_to_disk(os.path.join(folder, WINDOW_DIR))
         state = {
             "last_refresh": self._last_refresh,
@@ -781,13 +792,12 @@ class DPOTrainer(trl.DPOTrainer):
         with open(os.path.join(folder, WINDOW_STATE), "w") as f:
             json.dump(state, f, indent=2)
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if not self._resampling or checkpoint is None or not os.path.exists(os.path.join(checkpoint, WINDOW_STATE)):
+    def _load_trl_kl_state(self, folder: str) -> None:
+        if not self._resampling:
             return
-        with open(os.path.join(checkpoint, WINDOW_STATE)) as f:
+        with open(os.path.join(folder, WINDOW_STATE)) as f:
             state = json.load(f)
-        self._window = Dataset.load_from_disk(os.path.join(checkpoint, WINDOW_DIR), keep_in_memory=True)
+        self._window = Dataset.load_from_disk(os.path.join(folder, WINDOW_DIR), keep_in_memory=True)
         self._last_refresh, self._window_step = state["last_refresh"], state["window_step"]
         self._window_batches, self._window_stats = state["window_batches"], state["window_stats"]
         self._window_perms = {}

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 
 import torch
 import trl
-from accelerate.utils import is_peft_model
+from accelerate.utils import is_peft_model, send_to_device
 
-from . import kl
+from . import guards, kl
 from .compat import check_trl_version
 from .advantages import SCALE_MODES, effective_sample_size, group_normalized_advantages, validate_std_bounds
 from .full_kl import chunked_full_kl, validate_tile_size
+from .reliability import ReliabilityMixin
 
 check_trl_version()
 
@@ -130,6 +131,7 @@ class GRPOConfig(trl.GRPOConfig):
             "reward), for ablations. Biased pairs (k3) only warn."
         },
     )
+    skip_nonfinite_steps: bool = field(default=False, metadata={"help": guards.SKIP_HELP})
 
     def __post_init__(self):
         super().__post_init__()
@@ -218,7 +220,7 @@ class _LossCall:
     full_kl_args: dict | None = None  # kl_estimator="full": chunked_full_kl's inputs, from the same forward
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(ReliabilityMixin, trl.GRPOTrainer):
     """``trl.GRPOTrainer`` with the KL term of ``trl_kl.GRPOConfig`` (see the module docstring)."""
 
     def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, *pos, **kwargs):
@@ -239,7 +241,10 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # Rewards of every process (TRL gathers them); kept to renormalise in _generate_and_score_completions.
-        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # Checked, with non-finite values made NaN, TRL's "unscorable" (trl_kl.guards).
+        with guards.checked_reward_funcs(self.reward_funcs, self.reward_func_names) as check:
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rewards_per_func = self._exclude_nonfinite_rewards(rewards, check.nonfinite)
         return self._rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
@@ -295,26 +300,25 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     # ---- checkpoints: the rollout in flight is part of the training state ---------------------------------
 
-    def _rollout_state_path(self, checkpoint: str) -> str:
-        return os.path.join(checkpoint, f"trl_kl_rollout_state_rank{self.accelerator.process_index}.pt")
+    def _trl_kl_state_files(self) -> list[str]:
+        return [f"trl_kl_rollout_state_rank{rank}.pt" for rank in range(self.accelerator.num_processes)]
 
-    def _save_checkpoint(self, model, trial):
-        """Also save each process's buffered rollout and micro-step counter: a checkpoint taken between two
-        generations (steps_per_generation * num_iterations > 1) would otherwise lose the rollout still being
-        trained on, and the resumed run would regenerate off schedule (stock TRL 1.16 does)."""
-        super()._save_checkpoint(model, trial)
-        if self.args.save_only_model:
-            return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)  # as Trainer's per-process RNG state does
-        state = {"step": self._step, "buffered_inputs": self._buffered_inputs, "beta": self.beta}
-        torch.save(state, self._rollout_state_path(folder))
+    def _save_trl_kl_state(self, folder: str) -> None:
+        """Each process's buffered rollout and micro-step counter: a checkpoint taken between two generations
+        (steps_per_generation * num_iterations > 1) would otherwise lose the rollout still being trained on, and the
+        resumed run would regenerate off schedule (stock TRL 1.16 does)."""
+        super()._save_trl_kl_state(folder)
+        if not self.args.save_only_model:
+            state = {"step": self._step, "buffered_inputs": self._buffered_inputs, "beta": self.beta}
+            torch.save(state, os.path.join(folder, self._trl_kl_state_files()[self.accelerator.process_index]))
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and os.path.exists(self._rollout_state_path(checkpoint)):
-            state = torch.load(self._rollout_state_path(checkpoint), map_location=self.accelerator.device, weights_only=False)
-            self._step, self._buffered_inputs, self.beta = state["step"], state["buffered_inputs"], state["beta"]
+    def _load_trl_kl_state(self, folder: str) -> None:
+        super()._load_trl_kl_state(folder)
+        path = os.path.join(folder, self._trl_kl_state_files()[self.accelerator.process_index])
+        state = torch.load(path, map_location="cpu", weights_only=False)  # not the device: CPU processes are "cpu:N"
+        if self.accelerator.device.type != "cpu":
+            state = send_to_device(state, self.accelerator.device)
+        self._step, self._buffered_inputs, self.beta = state["step"], state["buffered_inputs"], state["beta"]
 
     # ---- adaptive KL control ------------------------------------------------------------------------
 
