@@ -468,8 +468,8 @@ NONFINITE_TO_NONE = {"inf": "none", "-inf": "none", "nan": "none", "huge": "none
 
 
 def bad_reward(kind: str, case: str, work: Path) -> dict:
-    """Train 3 steps with a reward function that returns fault ``case``. Non-finite cases must train exactly like
-    the same value returned as None (``work/reward_<kind>_<none case>.pt`` from that case's run)."""
+    """Train 3 steps with a reward function that returns fault ``case`` (GRPO: groups of 4). Non-finite cases must
+    train exactly like the same value returned as None (``work/reward_<kind>_<none case>.pt`` from that run)."""
 
     def run():
         import torch
@@ -479,7 +479,9 @@ def bad_reward(kind: str, case: str, work: Path) -> dict:
         def faulty_reward(completions, answer, **kwargs):
             return _corrupt(case, closeness_reward(completions, answer))
 
-        trainer = build(kind, work / f"reward_{kind}_{case}", reward_funcs=[faulty_reward], max_steps=3, save_strategy="no")
+        groups = {"num_generations": 4} if kind.startswith("grpo") else {}  # a group of 4: one bad value among 3 good
+        trainer = build(kind, work / f"reward_{kind}_{case}", reward_funcs=[faulty_reward], max_steps=3,
+                        save_strategy="no", **groups)
         before = weights(trainer)
         try:
             trainer.train()
@@ -501,6 +503,8 @@ def bad_reward(kind: str, case: str, work: Path) -> dict:
             if not counted:
                 return {"outcome": "uncounted", "detail": "trains as None, but no metric counts it"}
             return {"outcome": "skip", "detail": f"reward/nonfinite_frac {max(counted):.3f}; trains as None"}
+        if reward_expected(kind, case) == "error":
+            return {"outcome": "wrong", "detail": "the bad value was accepted: finished with finite weights"}
         return {"outcome": "skip", "detail": "finite weights"}
 
     return classify_resume(in_child(run, work / "reward.json"), refusal_possible=False)

@@ -134,6 +134,23 @@ def settings_mismatch(saved: dict, current: dict) -> list[str]:
     return [f"{k}: {saved[k]!r} in the checkpoint, {current[k]!r} now" for k in differ]
 
 
+def finished_run(folder: str, max_steps: int) -> str | None:
+    """Why resuming from ``folder`` would train nothing (None when it would train): it is at ``max_steps`` already
+    (``max_steps`` <= 0: the step count it was saved with). transformers 5.24 would train one step past the end."""
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    step, limit = state.get("global_step", 0), max_steps if max_steps and max_steps > 0 else state.get("max_steps", 0)
+    if limit and step >= limit:
+        return (
+            f"{folder} is at step {step} and the run ends at step {limit} (max_steps): there is nothing left to train "
+            "(transformers would train one step past the end). Raise max_steps to train further."
+        )
+    return None
+
+
 def newest_complete_checkpoint(run_dir: str, required: list[str] = ()) -> tuple[str | None, list[tuple[str, list[str]]]]:
     """The checkpoint with the highest step that can be resumed from, and the newer ones skipped with their
     problems (newest first)."""

@@ -123,6 +123,9 @@ class ReliabilityMixin:
                 raise checkpoints.CheckpointError(
                     f"Cannot resume from {path}: {'; '.join(problems)}.{hint} (resume_from_checkpoint=True picks it)."
                 )
+        finished = checkpoints.finished_run(path, self.args.max_steps)
+        if finished:
+            raise checkpoints.CheckpointError(finished)
         mismatch = checkpoints.settings_mismatch(checkpoints.read_manifest(path).get("settings", {}), self._batch_settings())
         if mismatch:
             raise checkpoints.CheckpointError(
