@@ -70,7 +70,9 @@ from trl.trainer.utils import (
     start_event_loop_in_daemon,
 )
 
+from . import guards
 from .advantages import effective_sample_size
+from .reliability import ReliabilityMixin
 
 WINDOW_DIR = "trl_kl_dpo_window"
 """Folder of a checkpoint holding the current window's pairs (``datasets.save_to_disk``)."""
@@ -154,9 +156,17 @@ class DPOConfig(trl.DPOConfig):
         },
     )
 
+    skip_nonfinite_steps: bool = field(default=False, metadata={"help": guards.SKIP_HELP})
+
     def __post_init__(self):
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
+        beta = self.beta
+        if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+            raise ValueError(
+                f"beta must be a finite number > 0 (DPO's KL coefficient; TRL's default 0.1), got {beta!r}: NaN trains "
+                "NaN weights, and beta <= 0 learns nothing or prefers the rejected answers."
+            )
         if not (isinstance(self.sft_weight, (int, float)) and math.isfinite(self.sft_weight) and self.sft_weight >= 0):
             raise ValueError(
                 f"sft_weight must be a finite number >= 0 (the weight of the SFT loss), got {self.sft_weight}."
@@ -235,8 +245,8 @@ def build_preference_pairs(
     """Best-vs-worst preference pairs, one per prompt, from grouped completions and their rewards.
 
     ``completions[i]`` and ``rewards[i]`` are the sampled completions of ``prompts[i]`` and their (summed) rewards;
-    NaN rewards (unscorable) are left out. The chosen answer is the first completion with the highest reward, the
-    rejected one the first with the lowest. A prompt is a *tie*, skipped and counted, when its scored
+    None and non-finite rewards (unscorable) are left out. The chosen answer is the first completion with the
+    highest reward, the rejected one the first with the lowest. A prompt is a *tie*, skipped and counted, when its scored
     completions all have the same reward (or fewer than two were scored, or best and worst are the same text):
     there is no preference to learn. Returns ``(pairs, ties)``; each pair is a dict with ``index`` (the
     prompt's position), ``prompt``, ``chosen``, ``rejected``, ``chosen_reward``, ``rejected_reward``.
@@ -250,7 +260,7 @@ def build_preference_pairs(
     for index, (prompt, group, scores) in enumerate(zip(prompts, completions, rewards, strict=True)):
         if len(group) != len(scores):
             raise ValueError(f"prompt {index}: {len(group)} completions but {len(scores)} rewards.")
-        scored = [(float(s), j) for j, s in enumerate(scores) if s is not None and not math.isnan(float(s))]
+        scored = [(float(s), j) for j, s in enumerate(scores) if s is not None and math.isfinite(float(s))]
         if len(scored) < 2:
             ties += 1
             continue
@@ -289,7 +299,7 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-class DPOTrainer(trl.DPOTrainer):
+class DPOTrainer(ReliabilityMixin, trl.DPOTrainer):
     """``trl.DPOTrainer`` with the SFT term and the resampling loop of ``trl_kl.DPOConfig`` (module docstring).
 
     ``reward_funcs``: what ``trl.GRPOTrainer`` takes, labelling the freshly sampled completions (required with
@@ -608,8 +618,12 @@ class DPOTrainer(trl.DPOTrainer):
         seed = _seed("generate", args.seed, step, self.accelerator.process_index)
         completions, completion_ids = self._generate([self._prompt_source[row]["prompt"] for row in padded_rows], seed)
         completions, completion_ids = completions[: len(local_rows)], completion_ids[: len(local_rows)]
+        self._nonfinite_rewards = 0
         rewards = self._score(local_rows, completions, completion_ids)
         groups = gather_object(list(zip(local_rows, completions, rewards, strict=True)))  # all processes, in order
+        scored_values = sum(len(scores) for _, _, scores in groups) * len(self.reward_funcs)
+        nonfinite = sum(gather_object([self._nonfinite_rewards]))
+        self._metrics["train"][guards.REWARD_METRIC].append(nonfinite / max(scored_values, 1))
         prompts = [self._prompt_source[row]["prompt"] for row, _, _ in groups]
         pairs, ties = build_preference_pairs(prompts, [g for _, g, _ in groups], [s for _, _, s in groups])
         all_rewards = [r for _, _, scores in groups for r in scores if r is not None and not math.isnan(r)]
@@ -710,7 +724,8 @@ class DPOTrainer(trl.DPOTrainer):
         pending = []  # (column, coroutine) of the async reward functions
         for i, (func, tokenizer) in enumerate(zip(self.reward_funcs, self.reward_processing_classes, strict=True)):
             if isinstance(func, torch.nn.Module):  # a reward model (prepared: possibly wrapped)
-                rewards[:, i] = self._model_rewards(func, tokenizer, prompts, flat)
+                rewards[:, i], infinite = guards.nonfinite_to_nan(self._model_rewards(func, tokenizer, prompts, flat))
+                self._nonfinite_rewards += infinite
             elif is_async_callable(func):
                 pending.append((i, func(**kwargs)))
             else:
@@ -724,19 +739,18 @@ class DPOTrainer(trl.DPOTrainer):
             for (i, _), values in zip(pending, outputs, strict=True):
                 rewards[:, i] = self._as_rewards(self.reward_funcs[i], values, len(flat))
         weights = torch.tensor(self.args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float64)
-        total = (rewards * weights).nansum(dim=1)
+        total, overflowed = guards.nonfinite_to_nan((rewards * weights).nansum(dim=1))  # finite rewards, inf sum
+        self._nonfinite_rewards += overflowed
         total[rewards.isnan().all(dim=1)] = math.nan
         return [total[i : i + n].tolist() for i in range(0, len(flat), n)]
 
-    @staticmethod
-    def _as_rewards(func, values, expected: int) -> torch.Tensor:
-        """A reward function's output as float64, None -> NaN; one per completion or a clear error."""
-        if len(values) != expected:
-            raise ValueError(
-                f"The reward function {get_callable_name(func)!r} returned {len(values)} rewards for {expected} "
-                "completions: it must return one per completion."
-            )
-        return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
+    def _as_rewards(self, func, values, expected: int) -> torch.Tensor:
+        """A reward function's output checked by ``guards.checked_rewards`` as float64: None and NaN/inf are
+        unscorable (NaN; the non-finite ones counted for ``reward/nonfinite_frac``), one per completion or a clear
+        error."""
+        values, nonfinite = guards.checked_rewards(values, expected, get_callable_name(func))
+        self._nonfinite_rewards += nonfinite
+        return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)
 
     @torch.no_grad()
     def _model_rewards(self, model, tokenizer, prompts: list, completions: list) -> torch.Tensor:
@@ -892,12 +906,12 @@ class DPOTrainer(trl.DPOTrainer):
 
     # ---- checkpoints: the window and the schedule are training state --------------------------------------
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _trl_kl_state_files(self) -> list[str]:
+        return [WINDOW_STATE, f"{WINDOW_DIR}/"] if self._resampling else []
+
+    def _save_trl_kl_state(self, folder: str) -> None:
         if not self._resampling or self._window is None or self.args.save_only_model or not self.args.should_save:
             return
-        folder = _trl.checkpoint_folder(self, trial)
-        os.makedirs(folder, exist_ok=True)
         self._window.save_to_disk(os.path.join(folder, WINDOW_DIR))
         state = {
             "last_refresh": self._last_refresh,
@@ -908,13 +922,12 @@ class DPOTrainer(trl.DPOTrainer):
         with open(os.path.join(folder, WINDOW_STATE), "w") as f:
             json.dump(state, f, indent=2)
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if not self._resampling or checkpoint is None or not os.path.exists(os.path.join(checkpoint, WINDOW_STATE)):
+    def _load_trl_kl_state(self, folder: str) -> None:
+        if not self._resampling:
             return
-        with open(os.path.join(checkpoint, WINDOW_STATE)) as f:
+        with open(os.path.join(folder, WINDOW_STATE)) as f:
             state = json.load(f)
-        self._window = Dataset.load_from_disk(os.path.join(checkpoint, WINDOW_DIR), keep_in_memory=True)
+        self._window = Dataset.load_from_disk(os.path.join(folder, WINDOW_DIR), keep_in_memory=True)
         self._last_refresh, self._window_step = state["last_refresh"], state["window_step"]
         self._window_batches, self._window_stats = state["window_batches"], state["window_stats"]
         self._window_perms = {}

@@ -33,11 +33,13 @@ from functools import partial
 
 import torch
 import trl
+from accelerate.utils import send_to_device
 
-from . import importance, kl
+from . import guards, importance, kl
 from .advantages import SCALE_MODES, effective_sample_size, group_normalized_advantages, validate_std_bounds
 from .config import KLConfigMixin, KLSettings, check_choice
 from .full_kl import chunked_full_kl
+from .reliability import ReliabilityMixin
 
 
 @dataclass
@@ -85,6 +87,7 @@ class GRPOConfig(KLConfigMixin, trl.GRPOConfig):
     clip_std_max: float | None = field(
         default=None, metadata={"help": "Upper bound of the group std in advantage normalisation (eq. 41)."}
     )
+    skip_nonfinite_steps: bool = field(default=False, metadata={"help": guards.SKIP_HELP})
 
     KL_FIELDS = (*KLConfigMixin.KL_FIELDS, "kl_reward_scope", "kl_importance_weight")
 
@@ -200,7 +203,7 @@ class _MicroBatch:
         return self.old_logps if engine is None else engine
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(ReliabilityMixin, trl.GRPOTrainer):
     """``trl.GRPOTrainer`` with the KL term of ``trl_kl.GRPOConfig`` (see the module docstring).
 
     ``kl_settings``: the resolved KL fields (``KLSettings``). ``kl_coef``: the KL coefficient trl_kl applies (the
@@ -240,7 +243,10 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # Rewards of every process (TRL gathers them); kept to renormalise in _generate_and_score_completions.
-        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # Checked, with non-finite values made NaN, TRL's "unscorable" (trl_kl.guards).
+        with guards.checked_reward_funcs(self.reward_funcs, self.reward_func_names) as check:
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rewards_per_func = self._exclude_nonfinite_rewards(rewards, check.nonfinite)
         return self._rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
@@ -270,27 +276,26 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     # ---- checkpoints: the rollout in flight is part of the training state ---------------------------------
 
-    def _rollout_state_path(self, checkpoint: str) -> str:
-        return os.path.join(checkpoint, f"trl_kl_rollout_state_rank{self.accelerator.process_index}.pt")
+    def _trl_kl_state_files(self) -> list[str]:
+        return [f"trl_kl_rollout_state_rank{rank}.pt" for rank in range(self.accelerator.num_processes)]
 
-    def _save_checkpoint(self, model, trial):
-        """Also save each process's buffered rollout and micro-step counter: a checkpoint taken between two
-        generations (steps_per_generation * num_iterations > 1) would otherwise lose the rollout still being
-        trained on, and the resumed run would regenerate off schedule (stock TRL 1.16 does)."""
-        super()._save_checkpoint(model, trial)
-        if self.args.save_only_model:
-            return
-        folder = _trl.checkpoint_folder(self, trial)
-        os.makedirs(folder, exist_ok=True)  # as Trainer's per-process RNG state does
-        state = {**_trl.rollout_state(self), "beta": self.kl_coef}  # "beta": the config's name for the coefficient
-        torch.save(state, self._rollout_state_path(folder))
+    def _save_trl_kl_state(self, folder: str) -> None:
+        """Each process's buffered rollout and micro-step counter: a checkpoint taken between two generations
+        (steps_per_generation * num_iterations > 1) would otherwise lose the rollout still being trained on, and the
+        resumed run would regenerate off schedule (stock TRL 1.16 does)."""
+        super()._save_trl_kl_state(folder)
+        if not self.args.save_only_model:
+            state = {**_trl.rollout_state(self), "beta": self.kl_coef}  # "beta": the config's name for the coefficient
+            torch.save(state, os.path.join(folder, self._trl_kl_state_files()[self.accelerator.process_index]))
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and os.path.exists(self._rollout_state_path(checkpoint)):
-            state = torch.load(self._rollout_state_path(checkpoint), map_location=self.accelerator.device, weights_only=False)
-            _trl.restore_rollout_state(self, state)
-            self.kl_coef = state["beta"]
+    def _load_trl_kl_state(self, folder: str) -> None:
+        super()._load_trl_kl_state(folder)
+        path = os.path.join(folder, self._trl_kl_state_files()[self.accelerator.process_index])
+        state = torch.load(path, map_location="cpu", weights_only=False)  # not the device: CPU processes are "cpu:N"
+        if self.accelerator.device.type != "cpu":
+            state = send_to_device(state, self.accelerator.device)
+        _trl.restore_rollout_state(self, state)
+        self.kl_coef = state["beta"]
 
     # ---- adaptive KL control ------------------------------------------------------------------------
 

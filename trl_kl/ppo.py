@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from . import _trl  # first: refuses an untested TRL before its internals are touched
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ import torch
 import trl
 from transformers import AutoModelForTokenClassification, PreTrainedModel
 
-from . import kl
+from . import guards, kl
 from .advantages import gae, masked_whiten
 from .config import KLConfigMixin, check_bool, check_int, check_number
 from .grpo import GRPOTrainer, loss_mask
@@ -101,7 +102,10 @@ def value_loss(
 
 def token_rewards(scores: torch.Tensor, penalty: torch.Tensor | None, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-token rewards ``(B, T)``: ``-beta * penalty_t`` on every completion token plus the scalar score
-    on the last one (eq. 20; Ziegler et al. 2019). NaN scores (unscorable completions) count as 0."""
+    on the last one (eq. 20; Ziegler et al. 2019). A NaN score (unscorable completion) adds nothing: the caller
+    excludes that completion (``PPOTrainer._advantages``). An infinite score is an error, never made finite."""
+    if torch.isinf(scores).any():
+        raise ValueError("scores must be finite or NaN (unscorable); trl_kl.guards turns non-finite rewards into NaN.")
     mask = mask.bool()
     rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     if penalty is not None:
@@ -221,6 +225,8 @@ class PPOTrainer(GRPOTrainer):
     def _advantages(self, output: dict, rewards: torch.Tensor) -> torch.Tensor:
         mask = loss_mask(output).float()
         scores = rewards[self._process_slice(output)]
+        # an unscorable completion (NaN score: trl_kl.guards) teaches nothing: advantage 0, no value loss
+        value_mask = mask * ~torch.isnan(scores).unsqueeze(-1)
         penalty = self._rollout_penalty(output) if self._kl_on and self.kl_settings.in_reward else None
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
@@ -228,9 +234,8 @@ class PPOTrainer(GRPOTrainer):
             old_values = self._values(input_ids, attention_mask, output["completion_ids"].size(1))
         per_token_rewards = token_rewards(scores, penalty, mask, self.kl_coef)
         advantages, returns = gae(per_token_rewards, old_values, mask, self.args.gamma, self.args.lam)
-        if self.args.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-        output["old_values"], output["returns"] = kl.masked(old_values, mask), returns
+        advantages = masked_whiten(advantages, value_mask) if self.args.whiten_advantages else kl.masked(advantages, value_mask)
+        output["old_values"], output["returns"], output["value_mask"] = kl.masked(old_values, mask), returns, value_mask
 
         finite = torch.nan_to_num(scores, nan=0.0)
         sequence_kl = kl.sequence_sum(penalty, mask) if penalty is not None else torch.zeros_like(finite)
@@ -261,8 +266,8 @@ class PPOTrainer(GRPOTrainer):
 
     def _critic_step(self, inputs: dict, mode: str):
         """Value loss on this micro-batch; backward into the critic (its own graph and optimizer), scaled for
-        gradient accumulation like TRL's policy loss. The optimizer steps when the policy's does."""
-        mask = loss_mask(inputs).float()
+        gradient accumulation like TRL's policy loss. Its optimizer steps with the policy's (``_get_grad_norm``)."""
+        mask = inputs.get("value_mask", loss_mask(inputs).float())  # hand-built batches may carry none
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         with torch.set_grad_enabled(mode == "train"):
@@ -274,32 +279,39 @@ class PPOTrainer(GRPOTrainer):
         metrics["loss/value_avg"].append(self.accelerator.gather(loss.detach()).mean().item())
         metrics["val/clipfrac_avg"].append(self.accelerator.gather(clip_frac).mean().item())
 
-    def _end_of_optimizer_step(self):
-        super()._end_of_optimizer_step()
-        if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), self.args.max_grad_norm)
-        self.value_optimizer.step()
+    def _get_grad_norm(self, model, grad_norm=None):
+        # the critic steps after the policy's step was checked (trl_kl.reliability), so a non-finite policy step
+        # stops training with both models as they were
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._critic_optimizer_step()
+        return grad_norm
+
+    def _critic_optimizer_step(self):
+        clip = self.args.max_grad_norm if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), clip)
+        bad = None if guards.is_finite(norm) else "critic gradient norm"
+        if not self._nonfinite_step(bad, float(norm), True, metric="nonfinite/critic_skipped_frac"):
+            self.value_optimizer.step()
         self.value_optimizer.zero_grad()
 
     # ---- checkpoints: the critic is trained state too ----------------------------------------------------
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        folder = _trl.checkpoint_folder(self, trial)
+    def _trl_kl_state_files(self) -> list[str]:
+        return [*super()._trl_kl_state_files(), "value_model/", "value_optimizer.pt"]
+
+    def _save_trl_kl_state(self, folder: str) -> None:
+        super()._save_trl_kl_state(folder)
         if self.args.should_save:
             self.accelerator.unwrap_model(self.value_model).save_pretrained(os.path.join(folder, "value_model"))
             if not self.args.save_only_model:
                 torch.save(self.value_optimizer.state_dict(), os.path.join(folder, "value_optimizer.pt"))
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or not os.path.isdir(os.path.join(checkpoint, "value_model")):
-            return
-        restored = AutoModelForTokenClassification.from_pretrained(os.path.join(checkpoint, "value_model"))
+    def _load_trl_kl_state(self, folder: str) -> None:
+        super()._load_trl_kl_state(folder)
+        restored = AutoModelForTokenClassification.from_pretrained(os.path.join(folder, "value_model"))
         self.accelerator.unwrap_model(self.value_model).load_state_dict(restored.state_dict())
-        optimizer_path = os.path.join(checkpoint, "value_optimizer.pt")
-        if os.path.exists(optimizer_path):
-            self.value_optimizer.load_state_dict(torch.load(optimizer_path, map_location=self.accelerator.device))
+        state = torch.load(os.path.join(folder, "value_optimizer.pt"), map_location="cpu", weights_only=True)
+        self.value_optimizer.load_state_dict(state)  # moves the state to the parameters' device
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
