@@ -197,7 +197,7 @@ def test_critic_gradient_is_clipped_at_max_grad_norm(toy_path, tmp_path):
     trainer.value_optimizer.step = lambda: norms.append(
         torch.cat([p.grad.flatten() for p in trainer.value_model.parameters()]).norm().item()
     ) or step()
-    trainer._end_of_optimizer_step()
+    trainer._critic_optimizer_step()
     assert norms == [pytest.approx(0.5, rel=1e-4)]
     assert all(p.grad is None or (p.grad == 0).all() for p in trainer.value_model.parameters())  # zeroed after
 

@@ -519,6 +519,7 @@ class DPOTrainer(ReliabilityMixin, trl.DPOTrainer):
                 else:
                     self.reward_funcs[i] = self.accelerator.prepare_model(func, evaluation_mode=True, device_placement=True)
         self._async_loop = None
+        self._nonfinite_rewards = 0  # NaN/inf rewards of the current refresh (reward/nonfinite_frac)
         if any(is_async_callable(func) for func in self.reward_funcs):  # as GRPO: one event loop on a daemon thread
             thread, self._async_loop, ready = start_event_loop_in_daemon(name="trl_kl-dpo-rewards")
             ready.wait()
