@@ -257,8 +257,8 @@ def test_truncated_sampling_with_kl_is_refused(tmp_path, config, overrides):
 
 
 def test_untruncated_sampling_settings_are_accepted(tmp_path):
-    """TRL's defaults (top_p=1.0, top_k=0, min_p=None) and the other spellings of "off" (top_k=-1 or None as in
-    vLLM and transformers, min_p=0, generation_kwargs that restate them) construct with a KL term."""
-    for overrides in (dict(), dict(top_k=-1), dict(top_k=None), dict(min_p=0.0),
+    """TRL's defaults (top_p=1.0, top_k=0, min_p=None) and the other spellings of "off" (top_k=None as in
+    transformers, top_k=-1 as in vLLM, min_p=0, generation_kwargs that restate them) construct with a KL term."""
+    for overrides in (dict(), dict(top_k=-1, use_vllm=True), dict(top_k=None), dict(min_p=0.0),
                       dict(generation_kwargs={"top_p": 1.0, "top_k": 0, "do_sample": True, "num_beams": 1})):
         make_config(tmp_path, **overrides)

@@ -173,5 +173,5 @@ def test_bad_rewards_are_refused(toy_path, tmp_path, reward_funcs, overrides, er
 def test_reward_weights_need_resampling_and_finite_values(tmp_path):
     with pytest.raises(ValueError, match="reward_weights=\\[1.0\\] only acts at a refresh"):
         make_config(tmp_path, reward_weights=[1.0])
-    with pytest.raises(ValueError, match="reward_weights must be finite numbers"):
+    with pytest.raises(ValueError, match="reward_weights must be a list of finite numbers"):
         make_config(tmp_path, resample_every=2, reward_weights=[float("nan")])

@@ -81,6 +81,59 @@ def test_hook_signature(hook):
     assert hook.signature_problem() is None, f"{entry(hook.name)}: {hook.signature_problem()} ({hook.contract})"
 
 
+def test_every_private_hook_trl_kl_overrides_is_an_entry():
+    """A method of a trl_kl trainer or config (its mixins included) that overrides a private method of TRL or
+    transformers is one of ``HOOKS``, so its signature is pinned (``test_hook_signature``)."""
+    import trl_kl
+
+    hooks = {hook.name for hook in _trl.HOOKS}
+    classes = (trl_kl.GRPOTrainer, trl_kl.PPOTrainer, trl_kl.DPOTrainer, trl_kl.GRPOConfig, trl_kl.PPOConfig,
+               trl_kl.DPOConfig)
+    overrides = {
+        (klass.__name__, name)
+        for cls in classes
+        for klass in cls.__mro__
+        if klass.__module__.startswith("trl_kl")
+        for name in vars(klass)
+        if name.startswith("_") and not name.startswith("__")
+        and any(name in vars(base) for base in cls.__mro__ if not base.__module__.startswith("trl_kl"))
+    }
+    assert overrides and not {o for o in overrides if o[1] not in hooks}, "private overrides missing from _trl.HOOKS"
+
+
+def test_trl_internals_are_reached_only_through_the_seam():
+    """Outside ``trl_kl/_trl.py`` trl_kl imports from TRL's submodules only what ``trl`` itself exports, no private
+    name of any library (torch's ``_set_pg_timeout``, ...), and reads no private attribute it does not define
+    itself, except the hooks of ``HOOKS`` (overridden or called)."""
+    sources = {path: ast.parse(path.read_text()) for path in (ROOT / "trl_kl").rglob("*.py")}
+    defined = {hook.name for hook in _trl.HOOKS}
+    for tree in sources.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                defined.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.add(node.id)
+            elif isinstance(node, ast.alias):
+                defined.add(node.asname or node.name.split(".")[0])
+    problems = []
+    for path, tree in sources.items():
+        if path.name == "_trl.py":
+            continue
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and not node.module.startswith("trl_kl"):
+                private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__future__"]
+                if node.module.startswith("trl."):
+                    private += [a.name for a in node.names if not hasattr(trl, a.name)]
+                problems += [f"{where} imports {node.module}.{name}" for name in private]
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                if node.attr not in defined:
+                    problems.append(f"{where} reads .{node.attr}")
+    assert not problems, f"TRL/transformers internals outside trl_kl/_trl.py: {problems}"
+
+
 def test_signature_problem_names_a_change():
     """The check itself can fail: a parameter renamed or a method gone is reported."""
     renamed = _trl.Hook(trl.GRPOTrainer, "_compute_loss", ("model", "batch"), "")
@@ -90,7 +143,7 @@ def test_signature_problem_names_a_change():
 
 
 # ---------------------------------------------------------------------------------------------------
-# GRPO: rewards, rollout, loss, forward, micro-step counter, metrics, checkpoints (entries 1-6, 12-14)
+# GRPO: rewards, rollout, loss, forward, micro-step counter, metrics, checkpoints (entries 1-6, 15-17, 22, 23)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -136,8 +189,29 @@ def test_rollout_dict(stock, monkeypatch):
         stock.beta = 0.1
 
 
+def test_calculate_rewards_calls_the_items_of_reward_funcs(stock):
+    """Entry 22: ``reward_functions`` is TRL's list itself, and ``_calculate_rewards`` calls its items, so a checking
+    wrapper put into it (``guards.checked_reward_funcs``) is what runs; the names are ``reward_func_names``."""
+    from trl_kl import guards
+
+    def inf_reward(completions, **kwargs):
+        return [math.inf] * len(completions)
+
+    funcs = stock.reward_funcs, stock.reward_func_names, stock.reward_processing_classes
+    stock.reward_funcs, stock.reward_func_names, stock.reward_processing_classes = [inf_reward], ["inf_reward"], [None]
+    try:
+        listed, names = _trl.reward_functions(stock)
+        assert listed is stock.reward_funcs and names == ["inf_reward"], entry("reward_funcs")
+        with guards.checked_reward_funcs(listed, names) as check:
+            rewards = stock._calculate_rewards([{"prompt": "1+1=", "answer": "2"}] * 2, ["1+1="] * 2, ["2", "3"], [[1]] * 2)
+        assert check.nonfinite == 2 and torch.isnan(rewards).all(), entry("reward_funcs (items called)")
+        assert stock.reward_funcs == [inf_reward]  # restored
+    finally:
+        stock.reward_funcs, stock.reward_func_names, stock.reward_processing_classes = funcs
+
+
 def test_beta_switches_trls_kl_term_and_the_context_turns_it_off(stock):
-    """Entries 3, 14: TRL adds beta * k3 (times the ratio, here 1) exactly when beta != 0; inside
+    """Entries 3, 17: TRL adds beta * k3 (times the ratio, here 1) exactly when beta != 0; inside
     ``trl_kl_term_off`` beta reads 0 and the loss is TRL's surrogate alone; beta is restored after."""
     batch, logps = _on_policy_batch(stock)
     with_term = stock._compute_loss(stock.model, dict(batch))
@@ -225,7 +299,7 @@ def test_policy_forward_runs_once_before_the_advantages_are_read(stock):
 
 
 def test_logps_in_micro_batches_and_hidden_states(stock):
-    """Entries 4, 18: the micro-batch size does not change the log-probs; the captured final hidden states,
+    """Entries 4, 21: the micro-batch size does not change the log-probs; the captured final hidden states,
     projected by the LM head, give them back."""
     batch, logps = _on_policy_batch(stock)
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
@@ -243,7 +317,7 @@ def test_logps_in_micro_batches_and_hidden_states(stock):
 
 
 def test_micro_step_counter_and_buffered_rollout(stock, toy_path):
-    """Entries 5, 12: TRL serves ``_buffered_inputs[_step % steps_per_generation]`` without generating while
+    """Entries 5, 15: TRL serves ``_buffered_inputs[_step % steps_per_generation]`` without generating while
     ``_step % (steps_per_generation * num_iterations) != 0``, and training_step counts the micro-batch in _step."""
     batch, _ = fixed_batch(stock)
     saved = _trl.rollout_state(stock)
@@ -262,7 +336,7 @@ def test_micro_step_counter_and_buffered_rollout(stock, toy_path):
 
 
 def test_metrics_are_averaged_by_log_and_cleared(stock):
-    """Entry 13: values appended to ``metrics(trainer, mode)[key]`` are logged as their mean, then cleared."""
+    """Entry 16: values appended to ``metrics(trainer, mode)[key]`` are logged as their mean, then cleared."""
     for values in stock._metrics["train"].values():
         values.clear()
     _trl.metrics(stock, "train")["contract/x"].extend([1.0, 3.0])
@@ -272,18 +346,35 @@ def test_metrics_are_averaged_by_log_and_cleared(stock):
 
 
 def test_checkpoint_folder_is_where_the_trainer_saves(stock):
-    """Entry 6: Trainer._save_checkpoint writes <run folder>/checkpoint-<global step>."""
+    """Entries 6, 23: Trainer._save_checkpoint writes <run folder>/checkpoint-<global step>, then deletes the
+    checkpoints beyond save_total_limit, which ``rotation_off`` turns off for the duration."""
     stock.create_optimizer_and_scheduler(num_training_steps=1)
-    stock.state.global_step = 7
-    stock._save_checkpoint(stock.model, None)
-    folder = _trl.checkpoint_folder(stock, None)
-    assert folder == os.path.join(stock.args.output_dir, "checkpoint-7")
-    assert os.path.exists(os.path.join(folder, "model.safetensors")), entry("_save_checkpoint")
-    assert os.path.exists(os.path.join(folder, "trainer_state.json")), entry("_save_checkpoint")
+    saved_limit, saved_step = stock.args.save_total_limit, stock.state.global_step
+    stock.args.save_total_limit = 1
+    try:
+        stock.state.global_step = 7
+        stock._save_checkpoint(stock.model, None)
+        folder = _trl.checkpoint_folder(stock, None)
+        assert _trl.run_folder(stock, None) == stock.args.output_dir, entry("_get_output_dir")
+        assert folder == os.path.join(stock.args.output_dir, "checkpoint-7")
+        assert os.path.exists(os.path.join(folder, "model.safetensors")), entry("_save_checkpoint")
+        assert os.path.exists(os.path.join(folder, "trainer_state.json")), entry("_save_checkpoint")
+        stock.state.global_step = 8
+        with _trl.rotation_off(stock) as limit:
+            assert limit == 1 and stock.args.save_total_limit is None
+            stock._save_checkpoint(stock.model, None)
+        assert stock.args.save_total_limit == 1
+        checkpoints = lambda: sorted(n for n in os.listdir(stock.args.output_dir) if n.startswith("checkpoint-"))  # noqa: E731
+        assert checkpoints() == ["checkpoint-7", "checkpoint-8"], entry("save_total_limit (rotation_off)")
+        stock.state.global_step = 9
+        stock._save_checkpoint(stock.model, None)
+        assert checkpoints() == ["checkpoint-9"], entry("save_total_limit (rotation)")
+    finally:
+        stock.args.save_total_limit, stock.state.global_step = saved_limit, saved_step
 
 
 def test_reference_model_is_trls(stock):
-    """Entry 17: without PEFT the reference is TRL's ref_model, run as it is."""
+    """Entry 20: without PEFT the reference is TRL's ref_model, run as it is."""
     ref, context = _trl.reference_model(stock)
     assert ref is stock.ref_model, entry("reference model")
     with context:
@@ -291,7 +382,7 @@ def test_reference_model_is_trls(stock):
 
 
 def test_use_adapter_disables_the_adapters(toy_path):
-    """Entry 17: ``use_adapter(model, None)`` runs the PEFT model with its adapters off (the base model)."""
+    """Entry 20: ``use_adapter(model, None)`` runs the PEFT model with its adapters off (the base model)."""
     from peft import LoraConfig, get_peft_model
 
     assert list(inspect.signature(_trl.use_adapter).parameters) == ["model", "adapter_name"], entry("use_adapter")
@@ -307,13 +398,13 @@ def test_use_adapter_disables_the_adapters(toy_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The mirrored routines (entries 20, 21)
+# The mirrored routines (entries 29, 30)
 # ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo"])
 def test_aggregate_like_trl_is_trls_normaliser(stock, loss_type):
-    """Entry 20: TRL's KL term is beta * (TRL's normaliser of k3), for every loss_type, with gradient accumulation:
+    """Entry 29: TRL's KL term is beta * (TRL's normaliser of k3), for every loss_type, with gradient accumulation:
     exactly what ``aggregate_like_trl`` computes. (On-policy the ratio TRL multiplies k3 by is 1.)"""
     batch, logps = _on_policy_batch(stock)
     saved = stock.loss_type
@@ -343,7 +434,7 @@ LM_HEAD_CONFIGS = {
 
 @pytest.mark.parametrize("overrides", list(LM_HEAD_CONFIGS.values()), ids=list(LM_HEAD_CONFIGS))
 def test_lm_head_args_read_the_config_as_trls_fused_head(toy_path, overrides):
-    """Entries 18, 21: TRL's fused LM head log-probs equal log_softmax(softcap(scale * h W^T) / T) at the labels, with
+    """Entries 21, 30: TRL's fused LM head log-probs equal log_softmax(softcap(scale * h W^T) / T) at the labels, with
     the hidden states ``captured_hidden_states`` collects and the scale and cap ``lm_head_args`` reads."""
     from trl.trainer.utils import add_fused_lm_head
 
@@ -365,7 +456,7 @@ def test_lm_head_args_read_the_config_as_trls_fused_head(toy_path, overrides):
 
 
 # ---------------------------------------------------------------------------------------------------
-# TRL's chunked divergence kernel and its tile globals (entry 19)
+# TRL's chunked divergence kernel and its tile globals (entry 28)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -395,7 +486,7 @@ def test_chunked_divergence_globals_and_arguments():
 
 
 # ---------------------------------------------------------------------------------------------------
-# DPO and the training loop (entries 7-11, 15, 16)
+# DPO and the training loop (entries 7-14, 18, 19)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -423,7 +514,7 @@ def dpo(toy_path, tmp_path_factory):
 
 
 def test_dpo_dataset_preparation_and_reference_precomputation(dpo):
-    """Entries 7, 8, 15, 16: TRL's preparation tokenizes each column as ``tokenize_prompt`` does; __init__ calls
+    """Entries 7, 8, 18, 19: TRL's preparation tokenizes each column as ``tokenize_prompt`` does; __init__ calls
     _precompute_ref_logps for the train set, which adds the reference log-probs."""
     precomputed, columns = _RecordingDPOTrainer.precomputed, set(dpo.train_dataset.column_names)
     assert precomputed and precomputed[0][0] == "train", entry("_precompute_ref_logps")
@@ -465,3 +556,232 @@ def test_get_batch_samples_takes_num_batches_and_counts_items(dpo):
     drawn, items = dpo.get_batch_samples(iter(batches), 2, torch.device("cpu"))
     assert drawn == batches[:2], entry("get_batch_samples")
     assert items == _trl.num_items_in_batch(dpo, batches[:2], torch.device("cpu")), entry("_get_num_items_in_batch")
+
+
+def test_compute_ref_log_probs_are_the_precomputed_reference_log_probs(dpo):
+    """Entry 14: ``compute_ref_log_probs(model, batch)`` returns the reference's summed log-probs of the chosen and
+    the rejected completions, ``(B,)`` each: those ``_precompute_ref_logps`` stored (the fixture's model is untrained)."""
+    rows = [dpo.train_dataset[i] for i in range(2)]
+    chosen, rejected = dpo.compute_ref_log_probs(dpo.model, dpo.data_collator(rows))
+    assert chosen.shape == rejected.shape == (2,), entry("compute_ref_log_probs")
+    expected = torch.tensor([[r["ref_chosen_logps"], r["ref_rejected_logps"]] for r in rows])
+    torch.testing.assert_close(torch.stack([chosen, rejected], 1).float(), expected, rtol=1e-5, atol=1e-5,
+                               msg=entry("compute_ref_log_probs"))
+
+
+def test_grad_norm_and_save_model_calls_in_training(toy_path, tmp_path):
+    """Entries 12, 13: in a training run (2 optimizer steps of 2 micro-batches, a checkpoint at step 2)
+    ``_get_grad_norm`` is called once per optimizer step, with the gradients of the step in place and before
+    ``optimizer.step()``; the checkpoint's ``save_model`` call has ``_internal_call=True``, a user's call not."""
+    pairs = Dataset.from_dict({"prompt": ["12+34=", "7+8="] * 4, "chosen": ["46", "15"] * 4, "rejected": ["47", "1"] * 4})
+    args = trl.DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                         max_steps=2, save_strategy="steps", save_steps=2, use_cpu=True, bf16=False, report_to="none",
+                         learning_rate=1e-3, disable_tqdm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.DPOTrainer(model=toy_path, args=args, train_dataset=pairs,
+                                 processing_class=AutoTokenizer.from_pretrained(toy_path))
+    events = []
+    grad_norm, save_model = trainer._get_grad_norm, trainer.save_model
+
+    def record_grad_norm(model, grad_norm=None):
+        has_grads = any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+        events.append(("grad_norm", has_grads))
+        return grad_norm_call(model, grad_norm=grad_norm)
+
+    grad_norm_call = grad_norm
+    trainer._get_grad_norm = record_grad_norm
+    trainer.save_model = lambda output_dir=None, _internal_call=False: (
+        events.append(("save_model", _internal_call)) or save_model(output_dir, _internal_call)
+    )
+    trainer.create_optimizer()
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: events.append(("optimizer.step",)) or step(*a, **k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert events == [
+        ("grad_norm", True), ("optimizer.step",), ("grad_norm", True), ("optimizer.step",), ("save_model", True),
+        ("save_model", False),
+    ], f"{entry('_get_grad_norm / save_model')}: {events}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch, TRL's helpers and command line (entries 24-27)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_set_process_group_timeout(tmp_path):
+    """Entry 24: torch's ``_set_pg_timeout(timeout, group=None)`` sets the gloo backend's timeout of the default
+    group (read back from the backend's options)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    assert list(inspect.signature(dist.distributed_c10d._set_pg_timeout).parameters) == ["timeout", "group"], entry(
+        "_set_pg_timeout"
+    )
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        _trl.set_process_group_timeout(7)
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        assert backend.options._timeout == datetime.timedelta(seconds=7), entry("_set_pg_timeout")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_trainer_utils_helpers():
+    """Entry 25: TRL's helpers from ``trl.trainer.utils`` do what trl_kl relies on."""
+    import asyncio
+    import functools
+
+    async def async_reward(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    def sync_reward(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    class AsyncReward:
+        async def __call__(self, completions, **kwargs):
+            return [1.0]
+
+    assert _trl.is_async_callable(async_reward) and _trl.is_async_callable(functools.partial(async_reward)), entry(
+        "is_async_callable"
+    )
+    assert _trl.is_async_callable(AsyncReward()) and not _trl.is_async_callable(sync_reward), entry("is_async_callable")
+    assert _trl.get_callable_name(functools.partial(sync_reward)) == "sync_reward", entry("get_callable_name")
+    assert _trl.get_callable_name(AsyncReward()) == "AsyncReward", entry("get_callable_name")
+    config = AutoModelForCausalLM.from_config(__import__("transformers").Qwen2Config(
+        vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+        num_key_value_heads=1)).config
+    config.name_or_path = "org/model"
+    assert _trl.get_config_model_id(config) == "org/model", entry("get_config_model_id")
+    padded = _trl.pad([torch.tensor([1, 2]), torch.tensor([3])], padding_value=0, padding_side="left")
+    assert padded.tolist() == [[1, 2], [0, 3]], entry("pad")
+    thread, loop, ready = _trl.start_event_loop_in_daemon(name="contract")
+    ready.wait()
+    assert asyncio.run_coroutine_threadsafe(async_reward(["a", "b"]), loop).result(timeout=10) == [1.0, 1.0]
+    _trl.shutdown_event_loop_in_daemon(thread, loop)
+    assert not thread.is_alive(), entry("shutdown_event_loop_in_daemon")
+
+
+def test_model_helpers(dpo, toy_path):
+    """Entry 26: TRL's generation unwrapping, FSDP full-parameter context, gradient-checkpointing switch, DeepSpeed
+    preparation signature and TR-DPO reference mixing."""
+    with _trl.unwrap_model_for_generation(
+        dpo.model_wrapped, dpo.accelerator, gradient_checkpointing_kwargs=None
+    ) as unwrapped, _trl.full_params(dpo, dpo.model_wrapped):
+        assert unwrapped is dpo.accelerator.unwrap_model(dpo.model), entry("unwrap_model_for_generation")
+    assert list(inspect.signature(_trl.prepare_deepspeed).parameters)[:2] == ["model", "accelerator"], entry(
+        "prepare_deepspeed"
+    )
+    model = AutoModelForCausalLM.from_pretrained(toy_path)
+    model.gradient_checkpointing_enable()
+    with _trl.disable_gradient_checkpointing(model, None):
+        assert not model.is_gradient_checkpointing, entry("disable_gradient_checkpointing")
+    assert model.is_gradient_checkpointing, entry("disable_gradient_checkpointing")
+    policy, reference = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    expected = {k: 0.25 * v + 0.75 * reference.state_dict()[k] for k, v in policy.state_dict().items()}
+    _trl.mix_into_reference(policy, reference, 0.25)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=entry("SyncRefModelCallback.sync_target_model"))
+
+
+def test_command_line_internals():
+    """Entry 27: the command line helpers ``trl-kl`` shares with ``trl grpo``."""
+    import dataclasses
+
+    argv = ["--config", "x.yaml", "--num_processes", "2", "--beta", "0.1", "--num_processes", "2"]
+    assert _trl.subtract_subsequence(argv, ["--num_processes", "2"]) == [
+        "--config", "x.yaml", "--beta", "0.1", "--num_processes", "2"
+    ], entry("_subtract_subsequence")
+    resolved = _trl.resolve_accelerate_config(["--accelerate_config", "multi_gpu", "--num_processes", "2"])
+    assert resolved[0] == "--config_file" and resolved[1].endswith("multi_gpu.yaml"), entry("resolve_accelerate_config")
+    assert resolved[2:] == ["--num_processes", "2"], entry("resolve_accelerate_config_argument")
+    assert _trl.resolve_accelerate_config(["--num_processes", "2"]) == ["--num_processes", "2"]
+    with pytest.raises(ValueError):
+        _trl.resolve_accelerate_config(["--accelerate_config", "no_such_config"])
+    fields = {f.name for f in dataclasses.fields(_trl.GRPOScriptArguments)}
+    assert issubclass(_trl.GRPOScriptArguments, trl.ScriptArguments), entry("GRPOScriptArguments")
+    assert {"reward_model_name_or_path", "reward_funcs"} <= fields, entry("GRPOScriptArguments")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values mirrored from TRL: its choices and its script's reward registry (entries 31, 32)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _listed(config_class, name: str, opening: str | None = None, pattern: str = r"'([a-z_]+)'") -> set[str]:
+    """The names ``pattern`` finds (by default single-quoted) in TRL's help text of the field ``name``: in the
+    sentence that starts with ``opening`` (up to its full stop), or in the whole text."""
+    import dataclasses
+    import re
+
+    text = {f.name: f for f in dataclasses.fields(config_class)}[name].metadata["help"]
+    if opening is not None:
+        start = text.index(opening)
+        end = text.find(". ", start)
+        text = text[start : end if end > 0 else len(text)]
+    return set(re.findall(pattern, text))
+
+
+def test_the_values_trl_accepts():
+    """Entry 31: each value list is the one TRL's help text of the field lists; for DPO's loss types also the list
+    of the error TRL raises for any other."""
+    import re
+
+    from trl_kl import advantages
+
+    listed = {
+        "GRPO_LOSS_TYPES": (_listed(trl.GRPOConfig, "loss_type", "Supported values"), _trl.GRPO_LOSS_TYPES),
+        "MULTI_OBJECTIVE_AGGREGATIONS": (
+            _listed(trl.GRPOConfig, "multi_objective_aggregation"), _trl.MULTI_OBJECTIVE_AGGREGATIONS
+        ),
+        "IMPORTANCE_SAMPLING_LEVELS": (
+            _listed(trl.GRPOConfig, "importance_sampling_level"), importance.IMPORTANCE_SAMPLING_LEVELS
+        ),
+        "SAMPLER_CORRECTION_MODES": (
+            _listed(trl.GRPOConfig, "vllm_importance_sampling_mode", "Supported options"),
+            importance.SAMPLER_CORRECTION_MODES,
+        ),
+        "SCALE_MODES": (  # TRL's text quotes them `group'`, `'batch'`, `'none'`
+            _listed(trl.GRPOConfig, "scale_rewards", pattern=r"`'?([a-z_]+)'`"), advantages.SCALE_MODES
+        ),
+        "F_DIVERGENCE_TYPES": (
+            _listed(trl.DPOConfig, "f_divergence_type", "Possible values", pattern=r"`([a-z_]+)`"),
+            _trl.F_DIVERGENCE_TYPES,
+        ),
+        "DPO_LOSS_TYPES": (_listed(trl.DPOConfig, "loss_type", "Possible values"), _trl.DPO_LOSS_TYPES),
+    }
+    for name, (trls, ours) in listed.items():
+        assert trls == set(ours), f"{entry(name)}: TRL lists {sorted(trls)}"
+    source = inspect.getsource(trl.DPOTrainer)
+    error = source[source.index("Unknown loss type: {loss_type}. Should be one of [") :]
+    assert set(re.findall(r"'([a-z_]+)'", error[: error.index("]")])) == set(_trl.DPO_LOSS_TYPES), entry(
+        "DPO_LOSS_TYPES"
+    )
+
+
+def test_script_reward_registry_is_trls():
+    """Entry 32: ``SCRIPT_REWARDS`` is the registry in ``main`` of ``trl/scripts/grpo.py`` (names, the factory's
+    arguments), read from TRL's source; ``script_reward_registry`` makes the same functions."""
+    import trl.rewards
+    import trl.scripts.grpo
+
+    tree = ast.parse(inspect.getsource(trl.scripts.grpo))
+    registry = next(
+        node.value for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "reward_funcs_registry"
+    )
+    found = {}
+    for key, value in zip(registry.keys, registry.values, strict=True):
+        if isinstance(value, ast.Call):
+            assert value.func.id == key.value, entry("SCRIPT_REWARDS")
+            found[key.value] = {k.arg: ast.literal_eval(k.value) for k in value.keywords}
+        else:
+            assert value.id == key.value, entry("SCRIPT_REWARDS")
+            found[key.value] = None
+    assert found == _trl.SCRIPT_REWARDS, entry("SCRIPT_REWARDS")
+    made = _trl.script_reward_registry()
+    assert made["accuracy_reward"] is trl.rewards.accuracy_reward and callable(made["get_soft_overlong_punishment"])

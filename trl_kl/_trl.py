@@ -27,12 +27,14 @@ Hooks trl_kl overrides or calls (``HOOKS``: owner, name, leading parameters, con
    ``sampler_correction``), and adds ``beta * k3`` per token (times the ratio with ``use_bias_correction_kl``)
    whenever ``trainer.beta != 0`` (``trl_kl_term_off``).
 4. ``GRPOTrainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-   batch_size=None, ...)`` (intercepted: ``on_policy_forward``): ``(logps (B, T), entropies, aux_loss)``, in
-   micro-batches of ``batch_size``; ``_compute_loss`` calls it exactly once, for the policy.
+   batch_size=None, ...)`` (intercepted: ``on_policy_forward``; called by PPO's rollout): ``(logps (B, T),
+   entropies, aux_loss)``, in micro-batches of ``batch_size``; ``_compute_loss`` calls it exactly once, for the
+   policy.
 5. ``GRPOTrainer.training_step(model, inputs, num_items_in_batch)`` (override): counts micro-batches in ``_step``
    (``optimizer_step_ended``).
 6. ``Trainer._save_checkpoint(model, trial)``, ``Trainer._load_optimizer_and_scheduler(checkpoint)`` (overrides):
-   save / restore a checkpoint in ``checkpoint_folder``; ``_get_output_dir(trial)`` (called) is its run folder.
+   save / restore a checkpoint in ``checkpoint_folder``, ``<_get_output_dir(trial)>/checkpoint-<global step>``
+   (``PREFIX_CHECKPOINT_DIR``; ``run_folder``).
 7. ``DPOTrainer._prepare_dataset(dataset, processing_class, args, dataset_name)`` (override, and called on a window
    of fresh pairs: ``prepare_dpo_dataset``): tokenizes ``prompt``/``chosen``/``rejected`` into ``prompt_ids``,
    ``chosen_ids``, ``rejected_ids``.
@@ -43,30 +45,61 @@ Hooks trl_kl overrides or calls (``HOOKS``: owner, name, leading parameters, con
 10. ``Trainer.get_batch_samples(epoch_iterator, num_batches, device)`` (override): returns ``(batches,
     num_items_in_batch)``; the training loop calls it once per optimizer step, before the step.
 11. ``Trainer._get_num_items_in_batch(batch_samples, device)`` (called: ``num_items_in_batch``).
+12. ``Trainer._get_grad_norm(model, grad_norm=None)`` (override): called once per optimizer step, after the
+    backward passes and the clipping, before ``optimizer.step()``; returns the step's gradient norm (the
+    non-finite guard, PPO's critic step).
+13. ``Trainer.save_model(output_dir, _internal_call)`` (override): ``_internal_call`` is True when the Trainer saves a
+    checkpoint's model itself (PPO writes the critic only on a user's call).
+14. ``DPOTrainer.compute_ref_log_probs(model, inputs)`` (called): the reference's summed log-probs of the chosen
+    and of the rejected completions of a collated batch, ``(B,)`` each.
 
 Private attributes and functions (accessors here):
 
-12. ``GRPOTrainer._step``, ``GRPOTrainer._buffered_inputs``: the micro-batch counter and the rollout being trained
+15. ``GRPOTrainer._step``, ``GRPOTrainer._buffered_inputs``: the micro-batch counter and the rollout being trained
     on (``rollout_state``, ``restore_rollout_state``, ``optimizer_step_ended``).
-13. ``_metrics`` (GRPO, DPO): ``{mode: {key: [values]}}``, each list averaged and cleared by ``log`` (``metrics``).
-14. ``GRPOTrainer.beta``: TRL's KL coefficient, which TRL reads as a switch: != 0 loads a reference model, computes
+16. ``_metrics`` (GRPO, DPO): ``{mode: {key: [values]}}``, each list averaged and cleared by ``log`` (``metrics``).
+17. ``GRPOTrainer.beta``: TRL's KL coefficient, which TRL reads as a switch: != 0 loads a reference model, computes
     ``ref_per_token_logps`` at rollout and adds TRL's KL term in ``_compute_loss`` (``trl_kl_term_off``).
-15. ``Trainer._train_batch_size`` (``train_batch_size``), ``DPOTrainer._tokenizer`` (``dpo_tokenizer``).
-16. ``trl.data_utils._tokenize`` (``tokenize_prompt``).
-17. ``trl.trainer.utils.use_adapter``: the PEFT reference, as TRL's rollout picks it (``reference_model``).
-18. TRL's fused LM head (``add_fused_lm_head``): ``model(..., fused_lm_head=True)`` projects the
+18. ``Trainer._train_batch_size`` (``train_batch_size``), ``DPOTrainer._tokenizer`` (``dpo_tokenizer``).
+19. ``trl.data_utils._tokenize`` (``tokenize_prompt``).
+20. ``trl.trainer.utils.use_adapter``: the PEFT reference, as TRL's rollout picks it (``reference_model``).
+21. TRL's fused LM head (``add_fused_lm_head``): ``model(..., fused_lm_head=True)`` projects the
     ``last_hidden_state`` of ``model.base_model`` (``captured_hidden_states``, ``fused_head_model``).
+22. ``GRPOTrainer.reward_funcs``, ``reward_func_names``: the reward functions and models, in the order of the reward
+    columns, and their names; ``_calculate_rewards`` calls the items of that list, so a wrapper put in it is what is
+    called (``reward_functions``).
+23. ``TrainingArguments.save_total_limit`` during a save: ``Trainer._save_checkpoint`` ends by deleting the
+    checkpoints beyond it; None turns that off (``rotation_off``).
+24. torch's ``distributed_c10d._set_pg_timeout(timeout, group=None)``: the timeout of an existing process group's
+    collectives (``set_process_group_timeout``).
+25. ``trl.trainer.utils`` helpers (not exported by ``trl``), re-exported here: ``is_async_callable``,
+    ``get_callable_name``, ``get_config_model_id``, ``pad``, ``start_event_loop_in_daemon``,
+    ``shutdown_event_loop_in_daemon``.
+26. TRL's model helpers (not exported by ``trl``): ``trl.models.unwrap_model_for_generation``,
+    ``trl.models.prepare_deepspeed``, ``trl.models.utils.disable_gradient_checkpointing``,
+    ``trl.distributed.DistributedBackend(...).summon_full_params`` (``full_params``),
+    ``SyncRefModelCallback.sync_target_model`` (``mix_into_reference``).
+27. TRL's command line internals: ``trl.cli.commands.training._subtract_subsequence`` (``subtract_subsequence``),
+    ``trl.cli.accelerate_config.resolve_accelerate_config_argument`` (``resolve_accelerate_config``),
+    ``trl.scripts.grpo.GRPOScriptArguments`` (``GRPOScriptArguments``: ``reward_model_name_or_path``,
+    ``reward_funcs``).
 
 Module globals:
 
-19. ``trl.kernels.chunked_divergence.TOKEN_CHUNK_SIZE`` / ``VOCAB_CHUNK_SIZE``: the tile of
+28. ``trl.kernels.chunked_divergence.TOKEN_CHUNK_SIZE`` / ``VOCAB_CHUNK_SIZE``: the tile of
     ``ChunkedDivergenceFunction``, read in its forward and its backward (``chunked_divergence``, which also relies on
     the function's positional arguments).
 
-Routines mirrored from TRL (kept in step by tests against TRL itself):
+Routines and values mirrored from TRL (kept in step by tests against TRL itself):
 
-20. ``aggregate_like_trl``: the per-``loss_type`` normaliser of ``GRPOTrainer._compute_loss``.
-21. ``lm_head_args``: how ``add_fused_lm_head`` reads a model's logit scale and softcapping from its config.
+29. ``aggregate_like_trl``: the per-``loss_type`` normaliser of ``GRPOTrainer._compute_loss``.
+30. ``lm_head_args``: how ``add_fused_lm_head`` reads a model's logit scale and softcapping from its config.
+31. The values TRL accepts for its string fields, which trl_kl's configs check at construction (TRL refuses the
+    others only inside ``train()``): ``GRPO_LOSS_TYPES``, ``MULTI_OBJECTIVE_AGGREGATIONS``, ``DPO_LOSS_TYPES``,
+    ``F_DIVERGENCE_TYPES``; and, kept where they are used, ``advantages.SCALE_MODES``,
+    ``importance.IMPORTANCE_SAMPLING_LEVELS``, ``importance.SAMPLER_CORRECTION_MODES``.
+32. ``SCRIPT_REWARDS``, ``script_reward_registry``: the reward functions ``trl grpo`` knows by name, as its script
+    (``trl/scripts/grpo.py``) makes them.
 """
 
 from __future__ import annotations
@@ -88,40 +121,77 @@ import trl  # noqa: E402
 from accelerate.utils import is_peft_model  # noqa: E402
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 from trl.data_utils import _tokenize  # noqa: E402
+from trl.distributed import DistributedBackend  # noqa: E402
 from trl.kernels import chunked_divergence as _divergence_module  # noqa: E402
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction  # noqa: E402
-from trl.trainer.utils import use_adapter  # noqa: E402
+from trl.models import prepare_deepspeed, unwrap_model_for_generation  # noqa: E402
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+from trl.scripts.grpo import GRPOScriptArguments  # noqa: E402
+from trl.trainer.callbacks import SyncRefModelCallback  # noqa: E402
+from trl.trainer.utils import (  # noqa: E402
+    get_callable_name,
+    get_config_model_id,
+    is_async_callable,
+    pad,
+    shutdown_event_loop_in_daemon,
+    start_event_loop_in_daemon,
+    use_adapter,
+)
 
 __all__ = [
+    "DPO_LOSS_TYPES",
+    "F_DIVERGENCE_TYPES",
+    "GRPOScriptArguments",
+    "GRPO_LOSS_TYPES",
     "HOOKS",
     "Hook",
+    "MULTI_OBJECTIVE_AGGREGATIONS",
     "PolicyForward",
+    "SCRIPT_REWARDS",
     "aggregate_like_trl",
     "captured_hidden_states",
     "check_trl_version",
     "checkpoint_folder",
     "chunked_divergence",
+    "disable_gradient_checkpointing",
     "dpo_tokenizer",
+    "full_params",
     "fused_head_model",
+    "get_callable_name",
+    "get_config_model_id",
+    "is_async_callable",
     "lm_head_args",
     "metrics",
+    "mix_into_reference",
     "num_items_in_batch",
     "on_policy_forward",
     "optimizer_step_ended",
+    "pad",
+    "prepare_deepspeed",
     "prepare_dpo_dataset",
     "reference_model",
+    "resolve_accelerate_config",
     "restore_rollout_state",
+    "reward_functions",
     "rollout_state",
+    "rotation_off",
+    "run_folder",
     "sampler_correction",
     "sampler_logps",
+    "script_reward_registry",
+    "set_process_group_timeout",
+    "shutdown_event_loop_in_daemon",
+    "start_event_loop_in_daemon",
+    "subtract_subsequence",
     "tokenize_prompt",
     "train_batch_size",
     "trl_kl_term_off",
+    "unwrap_model_for_generation",
 ]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Hooks (entries 1-11)
+# Hooks (entries 1-14)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -171,13 +241,19 @@ HOOKS = (
          "(batches, num_items_in_batch); called once per optimizer step"),
     Hook(transformers.Trainer, "_get_num_items_in_batch", ("batch_samples", "device"),
          "the loss normaliser of a step's batches"),
+    Hook(transformers.Trainer, "_get_grad_norm", ("model", "grad_norm"),
+         "the step's gradient norm, after the backward passes and clipping, before optimizer.step()"),
+    Hook(transformers.Trainer, "save_model", ("output_dir", "_internal_call"),
+         "_internal_call is True when the Trainer saves a checkpoint's model itself"),
+    Hook(trl.DPOTrainer, "compute_ref_log_probs", ("model", "inputs"),
+         "the reference's summed log-probs of the chosen and the rejected completions, (B,) each"),
 )
 
 
 @contextmanager
 def trl_kl_term_off(trainer):
     """TRL's ``GRPOTrainer._compute_loss`` adds its own KL term, ``beta * k3`` per token, whenever ``trainer.beta !=
-    0`` (entries 3, 14). trl_kl owns the KL term, so TRL's ``_compute_loss`` runs inside this context, where
+    0`` (entries 3, 17). trl_kl owns the KL term, so TRL's ``_compute_loss`` runs inside this context, where
     ``trainer.beta`` reads 0.0; it is restored on exit. Outside it ``beta`` keeps TRL's other use, the switch that
     loads the reference and computes ``ref_per_token_logps`` at rollout. trl_kl's coefficient is never read from
     ``beta`` (the trainers keep it in ``kl_coef``)."""
@@ -216,7 +292,7 @@ def on_policy_forward(trainer, callback: Callable[[PolicyForward], None], captur
     callback sees the policy's log-probs and may still rewrite the inputs TRL's surrogate reads. Inside this context
     that first call runs TRL's method, then ``callback(PolicyForward(...))``, and returns TRL's output unchanged;
     any later call runs TRL's method alone. With ``capture_hidden_states`` the forward's final hidden states are
-    collected for the callback (entry 18) and released before it runs, so a forward inside the callback (e.g. a PEFT
+    collected for the callback (entry 21) and released before it runs, so a forward inside the callback (e.g. a PEFT
     reference through the same backbone) is not collected.
     """
     name = "_get_per_token_logps_and_entropies"
@@ -250,7 +326,7 @@ def on_policy_forward(trainer, callback: Callable[[PolicyForward], None], captur
 
 
 # ---------------------------------------------------------------------------------------------------
-# Private attributes and functions (entries 12-18)
+# Private attributes and functions (entries 15-27)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -271,21 +347,21 @@ def sampler_correction(inputs: dict) -> torch.Tensor | None:
 
 def metrics(trainer, mode: str) -> dict[str, list[float]]:
     """TRL's metric lists of ``mode`` ("train" or "eval"), ``{key: [values]}``: append a value to log it; TRL's
-    ``log`` averages each list and clears it (entry 13)."""
+    ``log`` averages each list and clears it (entry 16)."""
     return trainer._metrics[mode]
 
 
 def optimizer_step_ended(trainer) -> bool:
     """Whether the micro-batch ``training_step`` just ran closed an optimizer step: TRL counts micro-batches in
     ``_step`` (incremented by its ``training_step``) and closes a step when it is a multiple of the gradient
-    accumulation, as its own ``step_time`` metric does (entries 5, 12)."""
+    accumulation, as its own ``step_time`` metric does (entries 5, 15)."""
     return trainer._step % trainer.current_gradient_accumulation_steps == 0
 
 
 def rollout_state(trainer) -> dict:
     """The rollout TRL is still training on: the micro-batch counter and the buffered micro-batches, which TRL's
     ``_prepare_inputs`` serves as ``_buffered_inputs[_step % steps_per_generation]`` until
-    ``_step % (steps_per_generation * num_iterations) == 0`` (entry 12)."""
+    ``_step % (steps_per_generation * num_iterations) == 0`` (entry 15)."""
     return {"step": trainer._step, "buffered_inputs": trainer._buffered_inputs}
 
 
@@ -294,9 +370,25 @@ def restore_rollout_state(trainer, state: dict) -> None:
     trainer._step, trainer._buffered_inputs = state["step"], state["buffered_inputs"]
 
 
+def run_folder(trainer, trial) -> str:
+    """The folder ``Trainer._save_checkpoint`` puts this run's checkpoints in (entry 6)."""
+    return trainer._get_output_dir(trial=trial)
+
+
 def checkpoint_folder(trainer, trial) -> str:
     """The folder ``Trainer._save_checkpoint`` writes this step's checkpoint to (entry 6)."""
-    return os.path.join(trainer._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
+    return os.path.join(run_folder(trainer, trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
+
+
+@contextmanager
+def rotation_off(trainer):
+    """Inside, ``Trainer._save_checkpoint`` deletes no checkpoint: it ends by deleting those beyond
+    ``args.save_total_limit``, which reads None here. Yields the limit; restored on exit (entry 23)."""
+    limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None
+    try:
+        yield limit
+    finally:
+        trainer.args.save_total_limit = limit
 
 
 def num_items_in_batch(trainer, batches: list, device: torch.device):
@@ -305,19 +397,19 @@ def num_items_in_batch(trainer, batches: list, device: torch.device):
 
 
 def train_batch_size(trainer) -> int:
-    """The per-process batch size the Trainer builds its dataloader with (entry 15)."""
+    """The per-process batch size the Trainer builds its dataloader with (entry 18)."""
     return trainer._train_batch_size
 
 
 def dpo_tokenizer(trainer):
-    """The text tokenizer of a ``trl.DPOTrainer`` (its processing class, or the processor's tokenizer; entry 15)."""
+    """The text tokenizer of a ``trl.DPOTrainer`` (its processing class, or the processor's tokenizer; entry 18)."""
     return trainer._tokenizer
 
 
 def tokenize_prompt(processing_class, prompt, **template_kwargs) -> list[int]:
     """A prompt's token ids as TRL's dataset preparation makes them: the chat template for a conversation (with
     ``template_kwargs``, e.g. ``add_generation_prompt=True``), the tokenizer alone for a string, no special tokens
-    added (entry 16)."""
+    added (entry 19)."""
     return _tokenize(processing_class, prompt, **template_kwargs)["input_ids"]
 
 
@@ -328,7 +420,7 @@ def prepare_dpo_dataset(trainer, dataset, dataset_name: str):
 
 def fused_head_model(trainer, model) -> torch.nn.Module:
     """The causal LM TRL patched with its fused LM head (``add_fused_lm_head``): ``model`` without the accelerate
-    and PEFT wrappers. It owns ``base_model`` and the LM head (entry 18)."""
+    and PEFT wrappers. It owns ``base_model`` and the LM head (entry 21)."""
     unwrapped = trainer.accelerator.unwrap_model(model)
     return unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
 
@@ -336,7 +428,7 @@ def fused_head_model(trainer, model) -> torch.nn.Module:
 @contextmanager
 def captured_hidden_states(causal_lm):
     """Collect the ``last_hidden_state`` of every forward of ``causal_lm.base_model`` inside: the states TRL's
-    fused LM head projects (entry 18). Yields the list they are appended to, one ``(b, L, H)`` tensor per call."""
+    fused LM head projects (entry 21). Yields the list they are appended to, one ``(b, L, H)`` tensor per call."""
     states = []
 
     def hook(module, args, output):
@@ -350,7 +442,7 @@ def captured_hidden_states(causal_lm):
 
 
 def reference_model(trainer) -> tuple[torch.nn.Module, object]:
-    """The reference as TRL's GRPO rollout picks it (entry 17): ``(causal LM, context to run it in)``. It is
+    """The reference as TRL's GRPO rollout picks it (entry 20): ``(causal LM, context to run it in)``. It is
     ``ref_model`` when there is one, else the PEFT policy with its "ref" adapter, or with its adapters disabled."""
     if trainer.ref_model is not None:
         return fused_head_model(trainer, trainer.ref_model), nullcontext()
@@ -359,8 +451,52 @@ def reference_model(trainer) -> tuple[torch.nn.Module, object]:
     return peft_model.get_base_model(), context
 
 
+def reward_functions(trainer) -> tuple[list, list[str]]:
+    """TRL's ``GRPOTrainer.reward_funcs`` (the list itself: ``_calculate_rewards`` calls its items, so an item
+    replaced in it is what is called; a reward model is a ``torch.nn.Module``) and ``reward_func_names``
+    (entry 22)."""
+    return trainer.reward_funcs, trainer.reward_func_names
+
+
+def set_process_group_timeout(seconds: float) -> None:
+    """Give the collectives of the default (existing) process group a timeout of ``seconds`` (entry 24)."""
+    from datetime import timedelta
+
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=seconds))
+
+
+def full_params(trainer, model):
+    """Context in which an FSDP v1 ``model`` has its full parameters (a no-op otherwise), as TRL's generation uses
+    it (entry 26)."""
+    return DistributedBackend(trainer.accelerator).summon_full_params(model, recurse=False)
+
+
+def mix_into_reference(model, reference, alpha: float) -> None:
+    """``reference <- alpha * model + (1 - alpha) * reference``, parameter by parameter (TRL's TR-DPO sync, ZeRO-3
+    aware; entry 26)."""
+    SyncRefModelCallback.sync_target_model(model, reference, alpha)
+
+
+def subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
+    """``items`` without the ordered ``subsequence``: how ``trl grpo`` keeps the training arguments of a command
+    line once accelerate's are known (entry 27)."""
+    from trl.cli.commands.training import _subtract_subsequence
+
+    return _subtract_subsequence(items, subsequence)
+
+
+def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
+    """``--accelerate_config NAME`` (a file, or a config TRL ships) as accelerate's ``--config_file PATH``, the rest
+    of ``launch_args`` kept (entry 27)."""
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
+    return resolve_accelerate_config_argument(launch_args)
+
+
 # ---------------------------------------------------------------------------------------------------
-# Module globals (entry 19)
+# Module globals (entry 28)
 # ---------------------------------------------------------------------------------------------------
 
 _TILE_LOCK = threading.Lock()
@@ -418,7 +554,7 @@ def chunked_divergence(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TRL's ``ChunkedDivergenceFunction`` (student = the policy, teacher = the reference) on ``(N, H)`` rows, in
     tiles of ``token_chunk_size`` x ``vocab_chunk_size`` (None: TRL's module constants). Returns TRL's
-    ``(divergence (N,), student entropy (N,))``; the gradient reaches the student only (entry 19)."""
+    ``(divergence (N,), student entropy (N,))``; the gradient reaches the student only (entry 28)."""
     return _TiledDivergence.apply(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, beta, temperature, logit_scale,
         final_logit_softcapping, ref_logit_scale, ref_final_logit_softcapping, token_chunk_size, vocab_chunk_size,
@@ -426,14 +562,14 @@ def chunked_divergence(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Routines mirrored from TRL (entries 20-21)
+# Routines and values mirrored from TRL (entries 29-32)
 # ---------------------------------------------------------------------------------------------------
 
 
 def aggregate_like_trl(trainer, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict) -> torch.Tensor:
     """Average a per-token loss term ``(B, T)`` with the normaliser TRL 1.16's ``GRPOTrainer._compute_loss`` applies
     for ``trainer.loss_type`` (gradient accumulation included), so a term added to TRL's loss weighs exactly as TRL's
-    own KL term would (entry 20)."""
+    own KL term would (entry 29)."""
     train = trainer.model.training
     accumulation = trainer.current_gradient_accumulation_steps if train else 1.0
     masked = per_token * mask
@@ -456,7 +592,7 @@ def lm_head_args(causal_lm, prefix: str = "") -> dict:
     """A model's LM head and logit post-processing, read from its config as TRL's ``add_fused_lm_head`` does
     (scale: ``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, or ``logits_scaling``, which divides
     except for HyperCLOVA X; softcap: ``final_logit_softcapping``), so a computation from hidden states sees the
-    distributions TRL's log-probs come from (entry 21). Keys: ``weight``, ``bias``, ``logit_scale``,
+    distributions TRL's log-probs come from (entry 30). Keys: ``weight``, ``bias``, ``logit_scale``,
     ``final_logit_softcapping``, each with ``prefix``."""
     config = causal_lm.config.get_text_config()
     scale = getattr(config, "logit_scale", None)
@@ -472,4 +608,37 @@ def lm_head_args(causal_lm, prefix: str = "") -> dict:
         f"{prefix}bias": head.bias,
         f"{prefix}logit_scale": 1.0 if scale is None else scale,
         f"{prefix}final_logit_softcapping": getattr(config, "final_logit_softcapping", None),
+    }
+
+
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+"""``GRPOConfig.loss_type`` values TRL 1.16 implements (entry 31)."""
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+"""``GRPOConfig.multi_objective_aggregation`` values (entry 31)."""
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+"""``DPOConfig.loss_type`` values TRL 1.16 implements (entry 31)."""
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+"""``DPOConfig.f_divergence_type`` values (entry 31)."""
+
+SCRIPT_REWARDS = {
+    "accuracy_reward": None,
+    "reasoning_accuracy_reward": None,
+    "think_format_reward": None,
+    "get_soft_overlong_punishment": {"max_completion_len": 1280, "soft_punish_cache": 256},
+}
+"""``trl grpo``'s reward registry (in ``main`` of ``trl/scripts/grpo.py``): each name is a function of
+``trl.rewards``, with the arguments of the factory that makes the reward function, or None when the function is
+the reward (entry 32)."""
+
+
+def script_reward_registry() -> dict:
+    """The reward functions ``trl grpo`` knows by name, made as TRL's script makes them (entry 32)."""
+    import trl.rewards
+
+    return {
+        name: getattr(trl.rewards, name) if factory is None else getattr(trl.rewards, name)(**factory)
+        for name, factory in SCRIPT_REWARDS.items()
     }

@@ -55,8 +55,7 @@ def run(command: str, argv: list[str]):
 
 def _accelerate_config_argument(launch_args: list[str]) -> list[str]:
     """``--accelerate_config NAME``: a file, else trl_kl's ``recipes/accelerate/NAME.yaml``, else TRL's own NAME."""
-    from trl.cli.accelerate_config import resolve_accelerate_config_argument
-
+    from trl_kl._trl import resolve_accelerate_config
     from trl_kl.scripts import SHIPPED_RECIPES
 
     if "--accelerate_config" in launch_args[:-1]:
@@ -64,7 +63,7 @@ def _accelerate_config_argument(launch_args: list[str]) -> list[str]:
         shipped = SHIPPED_RECIPES / "accelerate" / f"{launch_args[index]}.yaml"
         if not Path(launch_args[index]).is_file() and shipped.is_file():
             launch_args = [*launch_args[:index], str(shipped), *launch_args[index + 1 :]]
-    return resolve_accelerate_config_argument(launch_args)
+    return resolve_accelerate_config(launch_args)
 
 
 def _single_process_defaults() -> list[str]:
@@ -82,8 +81,8 @@ def launch(command: str, argv: list[str]) -> None:
     """``trl grpo``'s way: parse (errors and ``--help`` end here), then ``accelerate launch -m trl_kl.cli`` with the
     training arguments, the unknown ones (from the command line or the YAML) going to accelerate."""
     from accelerate.commands.launch import launch_command, launch_command_parser
-    from trl.cli.commands.training import _subtract_subsequence
 
+    from trl_kl._trl import subtract_subsequence
     from trl_kl.scripts import resolve_config_argument
 
     argv = resolve_config_argument(argv)
@@ -92,7 +91,7 @@ def launch(command: str, argv: list[str]) -> None:
         argv, return_remaining_strings=True, separate_remaining_strings=True
     )
     launch_args = _accelerate_config_argument(config_remaining + cli_remaining) or _single_process_defaults()
-    training_args = _subtract_subsequence(argv, cli_remaining)
+    training_args = subtract_subsequence(argv, cli_remaining)
     os.environ[LAUNCHED_BY_TRL_KL] = "1"  # inherited by the launched processes
     try:
         launch_command(launch_command_parser().parse_args([*launch_args, "-m", "trl_kl.cli", command, *training_args]))

@@ -6,8 +6,13 @@
 * ``truncated_sampling``: the generation settings (top-p, top-k, min-p, ...) that make the sampler draw from a
   truncated distribution, which no importance weight corrects: refused with a KL term (TRL issue #6789).
 * Validators for config fields, each raising one ``ValueError`` that names the field, what it must be and the
-  value it got: ``check_bool``, ``check_int``, ``check_number`` (finite, with optional bounds), ``check_choice``.
-  ``None`` passes where the field is optional (``optional=True``); ``why`` adds the field's meaning to the message.
+  value it got: ``check_bool``, ``check_int``, ``check_number`` (finite, with optional bounds), ``check_numbers``
+  (a list of them), ``check_choice``. ``None`` passes where the field is optional (``optional=True``); ``why`` adds
+  the field's meaning to the message.
+* The fields of transformers and TRL that trl_kl relies on, checked at construction by all three configs
+  (``check_training_fields``) and by GRPO's and PPO's (``check_rollout_fields``, ``check_rollout_combinations``):
+  TRL computes with several of them in its own ``__post_init__`` (a string batch size there is a bare
+  ``TypeError``) and refuses others only inside ``train()``, with torch or generation errors.
 
 The theory behind the fields: docs/theory.md (estimators, placement, sequence-kl, adaptive-kl).
 """
@@ -20,7 +25,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from . import kl
+from . import _trl, importance, kl
+from .advantages import SCALE_MODES
 
 # ---------------------------------------------------------------------------------------------------
 # Validators
@@ -112,6 +118,112 @@ def check_int(
         raise ValueError(_message(name, requirement, value, optional, why))
 
 
+def check_numbers(name: str, value: object, *, optional: bool = False, why: str | None = None) -> None:
+    """``value`` must be a list (or tuple) of finite real numbers. With ``optional``, None passes."""
+    if value is None and optional:
+        return
+    is_list = isinstance(value, (list, tuple))
+    if not (is_list and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+        raise ValueError(_message(name, "a list of finite numbers", value, optional, why))
+
+
+def check_items(name: str, value: object, choices: Collection, *, why: str | None = None) -> None:
+    """``value`` must be a non-empty list (or tuple) whose items are each one of ``choices``."""
+    if not (isinstance(value, (list, tuple)) and value and all(item in choices for item in value)):
+        raise ValueError(_message(name, f"a non-empty list of values from {tuple(choices)}", value, False, why))
+
+
+# ---------------------------------------------------------------------------------------------------
+# transformers' and TRL's fields that trl_kl relies on
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_training_fields(config) -> None:
+    """The optimisation fields of every trl_kl config (transformers' ``TrainingArguments`` and trl_kl's own
+    ``skip_nonfinite_steps``): each one's type and range. Runs before TRL's checks, which compute with the batch
+    sizes (a string there is a bare ``TypeError``); torch refused a bad learning rate only in ``train()``."""
+    check_int("per_device_train_batch_size", config.per_device_train_batch_size, at_least=1)
+    check_int("gradient_accumulation_steps", config.gradient_accumulation_steps, at_least=1)
+    check_number("learning_rate", config.learning_rate, greater_than=0, why="the optimizer's step size")
+    check_number("max_grad_norm", config.max_grad_norm, at_least=0, why="the norm gradients are clipped to; 0: none")
+    check_bool("skip_nonfinite_steps", config.skip_nonfinite_steps)
+
+
+def check_rollout_fields(config) -> None:
+    """TRL's ``GRPOConfig`` fields that the rollout and TRL's surrogate (which trl_kl runs with its own KL term)
+    compute with, for GRPO and PPO: each one's type and range, before TRL's checks (which then refuse fewer than 2
+    generations for GRPO; PPO takes 1)."""
+    check_int("num_generations", config.num_generations, at_least=1, why="completions per prompt")
+    check_int("num_generations_eval", config.num_generations_eval, at_least=1, optional=True,
+              why="None: num_generations")
+    check_int("generation_batch_size", config.generation_batch_size, at_least=1, optional=True)
+    check_int("steps_per_generation", config.steps_per_generation, at_least=1, optional=True)
+    check_int("num_iterations", config.num_iterations, at_least=1,
+              why="updates per generation batch, 1 on-policy; 0 trained nothing")
+    check_int("max_completion_length", config.max_completion_length, at_least=1, optional=True)
+    # sampling: TRL's ranges, refused by transformers' generate only inside train()
+    check_number("temperature", config.temperature, greater_than=0, why="logits are divided by it")
+    check_number("top_p", config.top_p, greater_than=0, at_most=1, optional=True, why="1.0: no top-p")
+    check_int("top_k", config.top_k, at_least=-1, optional=True, why="0: no top-k")
+    check_number("min_p", config.min_p, at_least=0, at_most=1, optional=True)
+    check_number("repetition_penalty", config.repetition_penalty, greater_than=0, why="1.0: no penalty")
+    # TRL's surrogate
+    check_number("epsilon", config.epsilon, at_least=0, why="the clip range 1 - epsilon")
+    check_number("epsilon_high", config.epsilon_high, at_least=0, optional=True, why="None: epsilon")
+    check_number("delta", config.delta, greater_than=0, optional=True, why="two-sided clip of the ratio")
+    check_numbers("reward_weights", config.reward_weights, optional=True, why="one per reward function")
+    check_choice("loss_type", config.loss_type, _trl.GRPO_LOSS_TYPES)
+    check_choice("importance_sampling_level", config.importance_sampling_level, importance.IMPORTANCE_SAMPLING_LEVELS)
+    check_choice("multi_objective_aggregation", config.multi_objective_aggregation, _trl.MULTI_OBJECTIVE_AGGREGATIONS)
+    check_choice("scale_rewards", config.scale_rewards, (*SCALE_MODES, True, False), why="True: group, False: none")
+    for name in ("sapo_temperature_neg", "sapo_temperature_pos"):
+        check_number(name, getattr(config, name), greater_than=0, why="the sapo gate divides by it")
+    for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef"):
+        check_number(name, getattr(config, name))
+    check_number("top_entropy_quantile", config.top_entropy_quantile, at_least=0, at_most=1)
+    check_number("off_policy_mask_threshold", config.off_policy_mask_threshold, greater_than=0, optional=True)
+    for name in ("mask_truncated_completions", "use_vllm", "vllm_importance_sampling_correction", "sync_ref_model",
+                 "use_adaptive_entropy"):
+        check_bool(name, getattr(config, name))
+    check_choice("vllm_importance_sampling_mode", config.vllm_importance_sampling_mode,
+                 importance.SAMPLER_CORRECTION_MODES)
+    check_number("vllm_importance_sampling_clip_max", config.vllm_importance_sampling_clip_max, greater_than=0,
+                 optional=True)
+    check_number("vllm_importance_sampling_clip_min", config.vllm_importance_sampling_clip_min, at_least=0,
+                 optional=True)
+    check_reference_sync_fields(config)
+
+
+def check_reference_sync_fields(config) -> None:
+    """TR-DPO's reference sync (GRPO, PPO, DPO): ``ref_model_mixup_alpha`` in [0, 1], ``ref_model_sync_steps`` >= 1,
+    and neither set away from its default without ``sync_ref_model=True``, where TRL ignores them."""
+    check_number("ref_model_mixup_alpha", config.ref_model_mixup_alpha, at_least=0, at_most=1)
+    check_int("ref_model_sync_steps", config.ref_model_sync_steps, at_least=1)
+    if not config.sync_ref_model:
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        changed = [n for n in ("ref_model_mixup_alpha", "ref_model_sync_steps") if getattr(config, n) != defaults[n]]
+        if changed:
+            settings = ", ".join(f"{name}={getattr(config, name)!r}" for name in changed)
+            raise ValueError(
+                f"{settings} only acts when the reference is synced with the policy: set sync_ref_model=True, or "
+                "leave it at its default."
+            )
+
+
+def check_rollout_combinations(config) -> None:
+    """The rules between TRL's GRPOConfig fields that trl_kl adds (GRPO, PPO), after TRL's checks."""
+    if config.max_completion_length is None and config.loss_type == "dr_grpo":
+        raise ValueError(
+            "loss_type='dr_grpo' (trl_kl's default) divides the loss by max_completion_length, so it must be an "
+            "integer (e.g. 256), not None; or choose another loss_type."
+        )
+    if config.top_k == -1 and not config.use_vllm:
+        raise ValueError(
+            "top_k=-1 is vLLM's spelling of 'no top-k'; transformers' generate (use_vllm=False) refuses it inside "
+            "train(). Use top_k=0 (TRL's default)."
+        )
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sampling settings that truncate the sampler
 # ---------------------------------------------------------------------------------------------------
@@ -184,8 +296,12 @@ class KLSettings:
 class KLConfigMixin:
     """The KL fields of trl_kl's RL configs, mixed in before TRL's config (``class GRPOConfig(KLConfigMixin,
     trl.GRPOConfig)``); ``beta`` stays TRL's field and keeps its meaning (the KL coefficient; 0 loads no reference
-    model). ``__post_init__`` runs TRL's checks, then ``_validate_kl``. The rule for ``beta=0``: every KL field must
-    then keep its default (there is no KL term for it to act on), else the config raises naming the fix."""
+    model). The rule for ``beta=0``: every KL field must then keep its default (there is no KL term for it to act
+    on), else the config raises naming the fix.
+
+    ``__post_init__`` in order: ``_check_fields`` (each field's type and range: a bad value fails here, naming the
+    field, not as a bare ``TypeError`` in TRL's arithmetic or an error inside ``train()``), ``_run_trl_checks``
+    (transformers' and TRL's own), ``_validate_kl``, ``_check_combinations``."""
 
     loss_type: str = field(
         default="dr_grpo",
@@ -277,8 +393,23 @@ class KLConfigMixin:
     """The fields that only act through the KL term: with ``beta=0`` each must keep its default."""
 
     def __post_init__(self):
-        super().__post_init__()
+        self._check_fields()
+        self._run_trl_checks()
         self._validate_kl()
+        self._check_combinations()
+
+    def _check_fields(self) -> None:
+        """Each field's type and range (transformers', TRL's, trl_kl's), before TRL's checks compute with them."""
+        check_training_fields(self)
+        check_rollout_fields(self)
+
+    def _run_trl_checks(self) -> None:
+        """transformers' and TRL's ``__post_init__``: TRL derives the generation batch and checks its own rules."""
+        super().__post_init__()
+
+    def _check_combinations(self) -> None:
+        """The rules between fields, once TRL has derived its values (subclasses add theirs)."""
+        check_rollout_combinations(self)
 
     def kl_settings(self) -> KLSettings:
         """The KL fields, resolved (subclasses add what is theirs, e.g. GRPO's ``kl_reward_scope``)."""

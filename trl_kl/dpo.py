@@ -56,22 +56,30 @@ from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig, PreTrainedModel
 from trl.data_utils import apply_chat_template, is_conversational
-from trl.distributed import DistributedBackend
-from trl.models import unwrap_model_for_generation
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.callbacks import SyncRefModelCallback
-from trl.models import prepare_deepspeed
-from trl.trainer.utils import (
+
+from . import guards
+from ._trl import (  # TRL helpers it does not export (entries 25, 26)
+    disable_gradient_checkpointing,
     get_callable_name,
     get_config_model_id,
     is_async_callable,
     pad,
+    prepare_deepspeed,
     shutdown_event_loop_in_daemon,
     start_event_loop_in_daemon,
+    unwrap_model_for_generation,
 )
-
-from . import guards
 from .advantages import effective_sample_size
+from .config import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_items,
+    check_number,
+    check_numbers,
+    check_reference_sync_fields,
+    check_training_fields,
+)
 from .reliability import ReliabilityMixin
 
 WINDOW_DIR = "trl_kl_dpo_window"
@@ -161,20 +169,47 @@ class DPOConfig(trl.DPOConfig):
     def __post_init__(self):
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
-        beta = self.beta
-        if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-            raise ValueError(
-                f"beta must be a finite number > 0 (DPO's KL coefficient; TRL's default 0.1), got {beta!r}: NaN trains "
-                "NaN weights, and beta <= 0 learns nothing or prefers the rejected answers."
-            )
-        if not (isinstance(self.sft_weight, (int, float)) and math.isfinite(self.sft_weight) and self.sft_weight >= 0):
-            raise ValueError(
-                f"sft_weight must be a finite number >= 0 (the weight of the SFT loss), got {self.sft_weight}."
-            )
+        self._check_fields()
         if self.sft_weight > 0:
             self._add_sft_loss()
         super().__post_init__()
-        self._validate_resampling()
+        self._check_combinations()
+
+    def _check_fields(self) -> None:
+        """Each field's type and range (transformers', TRL's, trl_kl's), before TRL's checks and the SFT term use
+        them: TRL refuses a bad loss type, learning rate or f-divergence only inside ``train()``."""
+        check_training_fields(self)
+        check_number(
+            "beta", self.beta, greater_than=0,
+            why="DPO's KL coefficient, TRL's default 0.1: NaN trains NaN weights, and beta <= 0 learns nothing or "
+            "prefers the rejected answers",
+        )
+        check_items("loss_type", self.loss_type, _trl.DPO_LOSS_TYPES)
+        check_numbers("loss_weights", self.loss_weights, optional=True, why="one per loss_type")
+        check_number("label_smoothing", self.label_smoothing, at_least=0, less_than=1)
+        check_number("ld_alpha", self.ld_alpha, at_least=0, at_most=1, optional=True, why="None: no LD-DPO weighting")
+        check_choice("f_divergence_type", self.f_divergence_type, _trl.F_DIVERGENCE_TYPES)
+        check_number("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
+        check_number("discopop_tau", self.discopop_tau, greater_than=0, why="discopop divides by it")
+        check_int("max_length", self.max_length, at_least=1, optional=True, why="None: no truncation")
+        check_int("precompute_ref_batch_size", self.precompute_ref_batch_size, at_least=1, optional=True)
+        for name in ("precompute_ref_log_probs", "use_weighting", "padding_free", "sync_ref_model",
+                     "resample_update_reference"):
+            check_bool(name, getattr(self, name))
+        check_reference_sync_fields(self)
+        check_number("sft_weight", self.sft_weight, at_least=0, why="the weight of the SFT loss; 0 adds none")
+        check_int("resample_every", self.resample_every, at_least=1, optional=True,
+                  why="optimizer steps between refreshes; None: plain offline DPO")
+        check_int("resample_num_prompts", self.resample_num_prompts, at_least=1, optional=True)
+        check_int("resample_num_completions", self.resample_num_completions, at_least=2,
+                  why="a pair needs a best and a worst completion of the same prompt")
+        check_int("resample_max_new_tokens", self.resample_max_new_tokens, at_least=1)
+        check_number("resample_temperature", self.resample_temperature, greater_than=0,
+                     why="1.0 samples the policy itself")
+        check_int("resample_batch_size", self.resample_batch_size, at_least=1, optional=True)
+        check_number("resample_mix", self.resample_mix, at_least=0, at_most=1,
+                     why="the fraction of offline pairs kept in each window")
+        check_numbers("reward_weights", self.reward_weights, optional=True, why="one per reward function")
 
     def _add_sft_loss(self):
         """Append TRL's 'sft' loss type with weight ``sft_weight``; idempotent when the config is rebuilt."""
@@ -192,39 +227,11 @@ class DPOConfig(trl.DPOConfig):
         self.loss_type = [*self.loss_type, "sft"]
         self.loss_weights = [*weights, float(self.sft_weight)]
 
-    def _validate_resampling(self):
-        every = self.resample_every
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise ValueError(
-                f"resample_every must be an integer >= 1 (optimizer steps between refreshes) or None for plain offline "
-                f"DPO, got {every!r}."
-            )
-        if not isinstance(self.resample_num_completions, int) or self.resample_num_completions < 2:
-            raise ValueError(
-                "resample_num_completions must be an integer >= 2: a pair needs a best and a worst completion of the "
-                f"same prompt, got {self.resample_num_completions!r}."
-            )
-        if not (isinstance(self.resample_mix, (int, float)) and 0.0 <= self.resample_mix <= 1.0):
-            raise ValueError(
-                f"resample_mix must lie in [0, 1] (the fraction of offline pairs kept in each window), got "
-                f"{self.resample_mix!r}."
-            )
-        temperature = self.resample_temperature
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(
-                f"resample_temperature must be a finite number > 0 (1.0 samples the policy itself), got {temperature!r}."
-            )
-        if not isinstance(self.resample_max_new_tokens, int) or self.resample_max_new_tokens < 1:
-            raise ValueError(f"resample_max_new_tokens must be an integer >= 1, got {self.resample_max_new_tokens!r}.")
-        for name in ("resample_num_prompts", "resample_batch_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}.")
-        if self.reward_weights is not None and not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in self.reward_weights
-        ):
-            raise ValueError(f"reward_weights must be finite numbers, one per reward function, got {self.reward_weights!r}.")
-        if every is None:
+    def _check_combinations(self):
+        """The rules between fields: label smoothing where a loss type reads it, resampling fields only with
+        resample_every, one way to move the reference."""
+        self._check_label_smoothing()
+        if self.resample_every is None:
             for name, default in (("resample_mix", 0.0), ("resample_update_reference", False), ("reward_weights", None)):
                 if getattr(self, name) != default:
                     raise ValueError(
@@ -236,6 +243,27 @@ class DPOConfig(trl.DPOConfig):
                 "resample_update_reference=True and sync_ref_model=True both move the reference: choose one (TR-DPO's "
                 "sync_ref_model mixes it every ref_model_sync_steps; resample_update_reference copies the policy at each "
                 "refresh)."
+            )
+
+    def _check_label_smoothing(self):
+        """TRL 1.16 reads ``label_smoothing`` in the robust (a flip probability, < 0.5: it divides by 1 - 2 eps),
+        exo_pair (> 0: log eps) and aot losses only; anywhere else it would be ignored."""
+        smoothing, losses = self.label_smoothing, set(self.loss_type)
+        if smoothing != 0 and not losses & {"robust", "exo_pair", "aot", "aot_unpaired"}:
+            raise ValueError(
+                f"label_smoothing={smoothing} has no effect with loss_type={self.loss_type}: TRL 1.16 reads it only in "
+                "the 'robust', 'exo_pair', 'aot' and 'aot_unpaired' losses (its former sigmoid label smoothing, cDPO, "
+                "is gone). Use loss_type='robust' for noisy preference labels, or leave label_smoothing at 0."
+            )
+        if "robust" in losses and smoothing >= 0.5:
+            raise ValueError(
+                f"label_smoothing={smoothing} with loss_type 'robust': it is the probability that a label is flipped "
+                "and must be < 0.5 (the loss divides by 1 - 2 * label_smoothing). The Robust DPO paper uses 0.1."
+            )
+        if "exo_pair" in losses and smoothing == 0:
+            raise ValueError(
+                "loss_type 'exo_pair' needs label_smoothing > 0 (its loss takes log(label_smoothing)); the EXO paper "
+                "recommends 1e-3."
             )
 
 
@@ -330,7 +358,7 @@ class DPOTrainer(ReliabilityMixin, trl.DPOTrainer):
         reward_processing_classes=None,
     ):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             args = DPOConfig(f"{name.split('/')[-1]}-DPO")
         if not isinstance(args, DPOConfig):
             raise TypeError(
@@ -624,7 +652,7 @@ class DPOTrainer(ReliabilityMixin, trl.DPOTrainer):
         groups = gather_object(list(zip(local_rows, completions, rewards, strict=True)))  # all processes, in order
         scored_values = sum(len(scores) for _, _, scores in groups) * len(self.reward_funcs)
         nonfinite = sum(gather_object([self._nonfinite_rewards]))
-        self._metrics["train"][guards.REWARD_METRIC].append(nonfinite / max(scored_values, 1))
+        _trl.metrics(self, "train")[guards.REWARD_METRIC].append(nonfinite / max(scored_values, 1))
         prompts = [self._prompt_source[row]["prompt"] for row, _, _ in groups]
         pairs, ties = build_preference_pairs(prompts, [g for _, g, _ in groups], [s for _, _, s in groups])
         all_rewards = [r for _, _, scores in groups for r in scores if r is not None and not math.isnan(r)]
@@ -675,7 +703,7 @@ class DPOTrainer(ReliabilityMixin, trl.DPOTrainer):
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs
             ) as unwrapped,
-            DistributedBackend(self.accelerator).summon_full_params(self.model_wrapped, recurse=False),
+            _trl.full_params(self, self.model_wrapped),
         ):
             torch.manual_seed(seed)
             training = unwrapped.training
@@ -857,7 +885,7 @@ class DPOTrainer(ReliabilityMixin, trl.DPOTrainer):
     def _sync_reference(self):
         """resample_update_reference: the reference becomes the current policy."""
         if self.ref_model is not None:
-            SyncRefModelCallback.sync_target_model(
+            _trl.mix_into_reference(
                 self.accelerator.unwrap_model(self.model), self.accelerator.unwrap_model(self.ref_model), 1.0
             )
         elif is_peft_model(self.accelerator.unwrap_model(self.model)):

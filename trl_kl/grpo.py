@@ -36,8 +36,8 @@ import trl
 from accelerate.utils import send_to_device
 
 from . import guards, importance, kl
-from .advantages import SCALE_MODES, effective_sample_size, group_normalized_advantages, validate_std_bounds
-from .config import KLConfigMixin, KLSettings, check_choice
+from .advantages import effective_sample_size, group_normalized_advantages, validate_std_bounds
+from .config import KLConfigMixin, KLSettings, check_choice, check_number
 from .full_kl import chunked_full_kl
 from .reliability import ReliabilityMixin
 
@@ -91,9 +91,13 @@ class GRPOConfig(KLConfigMixin, trl.GRPOConfig):
 
     KL_FIELDS = (*KLConfigMixin.KL_FIELDS, "kl_reward_scope", "kl_importance_weight")
 
-    def __post_init__(self):
-        super().__post_init__()  # TRL's checks, then _validate_kl
-        check_choice("scale_rewards", self.scale_rewards, SCALE_MODES)
+    def _check_fields(self) -> None:
+        super()._check_fields()  # num_generations >= 1 here; TRL's own check then refuses fewer than 2
+        for name in ("clip_std_min", "clip_std_max"):
+            check_number(name, getattr(self, name), greater_than=0, optional=True, why="a bound of the group std")
+
+    def _check_combinations(self) -> None:
+        super()._check_combinations()
         validate_std_bounds(self.clip_std_min, self.clip_std_max)
         if self.scale_rewards == "none" and (self.clip_std_min is not None or self.clip_std_max is not None):
             raise ValueError(
@@ -226,7 +230,7 @@ class GRPOTrainer(ReliabilityMixin, trl.GRPOTrainer):
         """``args``, or the default config named after the model as TRL names it; a stock TRL config is refused."""
         config_class = cls._config_class
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             return config_class(f"{name.split('/')[-1]}-{config_class.__name__.removesuffix('Config')}")
         if not isinstance(args, config_class):
             raise TypeError(
@@ -244,7 +248,7 @@ class GRPOTrainer(ReliabilityMixin, trl.GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # Rewards of every process (TRL gathers them); kept to renormalise in _generate_and_score_completions.
         # Checked, with non-finite values made NaN, TRL's "unscorable" (trl_kl.guards).
-        with guards.checked_reward_funcs(self.reward_funcs, self.reward_func_names) as check:
+        with guards.checked_reward_funcs(*_trl.reward_functions(self)) as check:
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._rewards_per_func = self._exclude_nonfinite_rewards(rewards, check.nonfinite)
         return self._rewards_per_func

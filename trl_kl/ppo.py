@@ -27,7 +27,7 @@ from transformers import AutoModelForTokenClassification, PreTrainedModel
 
 from . import guards, kl
 from .advantages import gae, masked_whiten
-from .config import KLConfigMixin, check_bool, check_int, check_number
+from .config import KLConfigMixin, check_bool, check_number
 from .grpo import GRPOTrainer, loss_mask
 
 
@@ -37,7 +37,8 @@ class PPOConfig(KLConfigMixin, trl.GRPOConfig):
     completion per prompt (``num_generations=1``), a critic, GAE. GRPO's group-baseline fields
     (``kl_reward_scope``, ``clip_std_min``, ``clip_std_max``) are not part of it: with ``kl_placement="reward"``
     the penalty enters the per-token reward before GAE, which carries it backwards, and the advantages are
-    whitened (``whiten_advantages``)."""
+    whitened (``whiten_advantages``); GRPO's reward normalisation (``scale_rewards``,
+    ``multi_objective_aggregation="normalize_then_sum"``) is refused for the same reason."""
 
     num_generations: int | None = field(
         default=1, metadata={"help": "Completions per prompt. PPO's baseline is the critic, so 1 is the default."}
@@ -58,9 +59,18 @@ class PPOConfig(KLConfigMixin, trl.GRPOConfig):
     whiten_advantages: bool = field(
         default=True, metadata={"help": "Whiten the advantages over the rollout's completion tokens."}
     )
+    skip_nonfinite_steps: bool = field(default=False, metadata={"help": guards.SKIP_HELP})
 
-    def __post_init__(self):
-        check_int("num_generations", self.num_generations, at_least=1, why="completions per prompt")
+    def _check_fields(self) -> None:
+        super()._check_fields()
+        check_number("gamma", self.gamma, at_least=0, at_most=1, why="GAE's discount")
+        check_number("lam", self.lam, at_least=0, at_most=1, why="GAE's lambda")
+        check_number("cliprange_value", self.cliprange_value, greater_than=0)
+        check_number("vf_coef", self.vf_coef, at_least=0)
+        check_number("value_learning_rate", self.value_learning_rate, greater_than=0, optional=True)
+        check_bool("whiten_advantages", self.whiten_advantages)
+
+    def _run_trl_checks(self) -> None:
         # TRL's GRPOConfig refuses num_generations < 2 (its group baseline); PPO's baseline is the critic. Its
         # checks run with a stand-in group size that divides every generation batch, then 1 is restored.
         single = self.num_generations == 1
@@ -70,20 +80,30 @@ class PPOConfig(KLConfigMixin, trl.GRPOConfig):
             self.num_generations = self.per_device_train_batch_size
             self.num_generations_eval = self.num_generations_eval or 1
         try:
-            super().__post_init__()  # TRL's checks, then the KL fields'
+            super()._run_trl_checks()
         finally:
             if single:
                 self.num_generations = 1
-        check_number("gamma", self.gamma, at_least=0, at_most=1, why="GAE's discount")
-        check_number("lam", self.lam, at_least=0, at_most=1, why="GAE's lambda")
-        check_number("cliprange_value", self.cliprange_value, greater_than=0)
-        check_number("vf_coef", self.vf_coef, at_least=0)
-        check_number("value_learning_rate", self.value_learning_rate, greater_than=0, optional=True)
-        check_bool("whiten_advantages", self.whiten_advantages)
+
+    def _check_combinations(self) -> None:
+        super()._check_combinations()
         if self.loss_type == "vespo":
             raise ValueError(
                 "loss_type='vespo' weights whole sequences by the sign of their advantage, but PPO's advantages are "
                 "per token (GAE): use another loss_type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo)."
+            )
+        if self.scale_rewards != self._default("scale_rewards"):
+            raise ValueError(
+                f"scale_rewards={self.scale_rewards!r} has no effect in PPO, whose advantages are GAE's, whitened over "
+                "the rollout's tokens (whiten_advantages), not rewards normalised in groups: leave scale_rewards at "
+                "its default, and set whiten_advantages=False for raw GAE advantages."
+            )
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                f"multi_objective_aggregation={self.multi_objective_aggregation!r} normalises each reward within the "
+                "group of completions of a prompt, which PPO does not form (its baseline is the critic): PPO scores a "
+                "completion by the reward_weights-weighted sum of its rewards. Use 'sum_then_normalize' (the "
+                "default), and scale the rewards in the reward functions if they differ in size."
             )
 
 
@@ -162,7 +182,7 @@ class PPOTrainer(GRPOTrainer):
             model, reward_funcs, args, train_dataset, eval_dataset, processing_class, *trl_args, **trl_kwargs
         )
         if value_model is None:
-            source = self.args.value_model_name_or_path or self.model.config._name_or_path
+            source = self.args.value_model_name_or_path or self.model.config.name_or_path
             value_model = AutoModelForTokenClassification.from_pretrained(source, num_labels=1)
         self.value_model = self.accelerator.prepare_model(value_model)
         self.value_optimizer = torch.optim.AdamW(
@@ -287,11 +307,16 @@ class PPOTrainer(GRPOTrainer):
         return grad_norm
 
     def _critic_optimizer_step(self):
-        clip = self.args.max_grad_norm if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0 else math.inf
+        """The critic's optimizer step, with its own non-finite check; skipped with the policy's (skip_nonfinite_steps:
+        the step is skipped as a whole)."""
+        clip = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), clip)
-        bad = None if guards.is_finite(norm) else "critic gradient norm"
-        if not self._nonfinite_step(bad, float(norm), True, metric="nonfinite/critic_skipped_frac"):
-            self.value_optimizer.step()
+        if getattr(self, "_skipping_step", False):
+            _trl.metrics(self, "train")["nonfinite/critic_skipped_frac"].append(1.0)
+        else:
+            bad = None if guards.is_finite(norm) else "critic gradient norm"
+            if not self._nonfinite_step(bad, float(norm), True, metric="nonfinite/critic_skipped_frac"):
+                self.value_optimizer.step()
         self.value_optimizer.zero_grad()
 
     # ---- checkpoints: the critic is trained state too ----------------------------------------------------

@@ -1,9 +1,10 @@
 """Checks before ``train()``: refuse a run that would train nothing or crash later on its data
 (docs/reliability.md#before-training).
 
-transformers returns normally from a run whose sampler yields no batch (``num_iterations=0``, an empty dataset,
-fewer prompts than one GRPO generation batch: 0 steps, exit code 0), and an empty prompt crashes deep inside
-``generate`` with an unrelated error. These functions raise first, naming the fix.
+transformers returns normally from a run whose sampler yields no batch (an empty dataset, fewer prompts than one
+GRPO generation batch: 0 steps, exit code 0; ``num_iterations=0`` too, which the configs refuse at construction),
+and an empty prompt crashes deep inside ``generate`` with an unrelated error. These functions raise first, naming
+the fix.
 """
 
 from __future__ import annotations
@@ -70,13 +71,9 @@ def check_dataset_size(dataset, needed: int, unit: str, fix: str) -> None:
 
 
 def check_grpo_run(args, dataset, num_processes: int) -> None:
-    """GRPO and PPO: ``num_iterations`` >= 1, at least one generation batch of prompts, no empty prompt."""
+    """GRPO and PPO: at least one generation batch of prompts, no empty prompt (``num_iterations`` >= 1 is the
+    config's own check)."""
     check_training_length(args)
-    if not isinstance(args.num_iterations, int) or isinstance(args.num_iterations, bool) or args.num_iterations < 1:
-        raise ValueError(
-            f"num_iterations={args.num_iterations!r}: each generation batch is trained on num_iterations times, so "
-            "the run would train nothing. Set num_iterations >= 1 (1: on-policy)."
-        )
     prompts = args.generation_batch_size // args.num_generations
     check_dataset_size(
         dataset,

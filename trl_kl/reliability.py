@@ -11,9 +11,9 @@
   before it is taken (``trl_kl.guards``).
 * ``honour_ddp_timeout``: ``ddp_timeout`` on CPU process groups too.
 
-Private APIs used here: transformers 5.24's ``Trainer._save_checkpoint``, ``_load_optimizer_and_scheduler``,
-``_get_output_dir``, ``_get_grad_norm`` and the ``PREFIX_CHECKPOINT_DIR`` naming; TRL 1.16's ``_metrics``,
-``reward_funcs`` / ``reward_func_names`` (GRPO); torch's ``distributed_c10d._set_pg_timeout``.
+The transformers, TRL and torch internals used here go through ``trl_kl._trl`` (entries 6, 12, 16, 22, 23, 24):
+the checkpoint hooks and folders, ``_get_grad_norm``, TRL's metrics and reward functions, the rotation switched off
+during a save, the process group's timeout.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import os
 import warnings
 
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from . import __version__, checkpoints, guards, preflight
+from . import __version__, _trl, checkpoints, guards, preflight
 
 logger = logging.get_logger(__name__)
 
@@ -46,15 +45,11 @@ BATCH_SETTINGS = (
 def honour_ddp_timeout(args) -> None:
     """Give the CPU process group ``args.ddp_timeout``: transformers 5.24 passes it to the process group on GPU but
     not with ``use_cpu=True``, where gloo's default (30 minutes) applied, so the peer of a stalled rank waited 30
-    minutes whatever ``ddp_timeout`` said. Uses torch's ``_set_pg_timeout`` (the group exists already)."""
+    minutes whatever ``ddp_timeout`` said. The group exists already: its timeout is set (``_trl``, entry 24)."""
     import torch.distributed as dist
 
     if args.use_cpu and dist.is_available() and dist.is_initialized():
-        from datetime import timedelta
-
-        from torch.distributed.distributed_c10d import _set_pg_timeout
-
-        _set_pg_timeout(timedelta(seconds=args.ddp_timeout))
+        _trl.set_process_group_timeout(args.ddp_timeout)
 
 
 class ReliabilityMixin:
@@ -138,16 +133,12 @@ class ReliabilityMixin:
     # ---- checkpoints ----------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial):
-        run_dir = self._get_output_dir(trial=trial)
-        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        run_dir, folder = _trl.run_folder(self, trial), _trl.checkpoint_folder(self, trial)
         if self.args.should_save and os.path.isdir(folder):
             checkpoints.remove_checkpoint(folder)  # left by a save that did not finish, or by a run that went further
         self.accelerator.wait_for_everyone()
-        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotation waits for the manifest
-        try:
+        with _trl.rotation_off(self) as limit:  # rotation waits for the manifest
             super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
         os.makedirs(folder, exist_ok=True)
         self._save_trl_kl_state(folder)
         self.accelerator.wait_for_everyone()  # every process's files are written
@@ -174,7 +165,8 @@ class ReliabilityMixin:
         (unscorable), logging ``reward/nonfinite_frac``. ``local_nonfinite``: NaN/inf values this process's reward
         functions returned (already None, so NaN here); a reward model's NaN/inf and a float32 overflow are counted
         here. Every process calls it (one gather)."""
-        models = torch.tensor([isinstance(f, torch.nn.Module) for f in self.reward_funcs], device=rewards.device)
+        funcs, _ = _trl.reward_functions(self)
+        models = torch.tensor([isinstance(f, torch.nn.Module) for f in funcs], device=rewards.device)
         counted = (~torch.isfinite(rewards) & models) | (torch.isinf(rewards) & ~models)
         total = torch.tensor([float(local_nonfinite)], device=rewards.device)
         if self.accelerator.num_processes > 1:
@@ -182,7 +174,7 @@ class ReliabilityMixin:
         rewards, _ = guards.nonfinite_to_nan(rewards)
         mode = "train" if self.model.training else "eval"
         fraction = (total.sum().item() + counted.sum().item()) / max(rewards.numel(), 1)
-        self._metrics[mode][guards.REWARD_METRIC].append(fraction)
+        _trl.metrics(self, mode)[guards.REWARD_METRIC].append(fraction)
         return rewards
 
     # ---- non-finite loss or gradient norm ---------------------------------------------------------------------
@@ -209,6 +201,7 @@ class ReliabilityMixin:
         if skip:  # parameters without a gradient are left alone by torch's optimizers
             self.optimizer.zero_grad(set_to_none=True)
             model.zero_grad(set_to_none=True)
+        self._skipping_step = skip  # PPO's critic skips the same step
         return grad_norm
 
     def _nonfinite_step(
@@ -219,10 +212,10 @@ class ReliabilityMixin:
         skip = getattr(self.args, "skip_nonfinite_steps", False)
         if what is None:
             if skip:
-                self._metrics["train"][metric].append(0.0)
+                _trl.metrics(self, "train")[metric].append(0.0)
             return False
         if not skip:
             raise guards.NonFiniteError(guards.nonfinite_step_message(self.state.global_step, what, value, loss_was_finite))
         logger.warning(f"skip_nonfinite_steps: skipping optimizer step {self.state.global_step + 1}, whose {what} is {value}.")
-        self._metrics["train"][metric].append(1.0)
+        _trl.metrics(self, "train")[metric].append(1.0)
         return True

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import trl_kl
+from trl_kl import _trl
 from trl_kl.distributed import end_distributed
 
 SHIPPED_RECIPES = (
@@ -154,22 +155,10 @@ def load_datasets(script_args, dataset_args, seed: int, toy_split):
     return _load_named_dataset(script_args)
 
 
-def trl_reward_registry() -> dict:
-    """The reward functions TRL's ``trl grpo`` knows by name (``trl/scripts/grpo.py``), with its settings."""
-    from trl.rewards import accuracy_reward, get_soft_overlong_punishment, reasoning_accuracy_reward, think_format_reward
-
-    return {
-        "accuracy_reward": accuracy_reward,
-        "reasoning_accuracy_reward": reasoning_accuracy_reward,
-        "think_format_reward": think_format_reward,
-        "get_soft_overlong_punishment": get_soft_overlong_punishment(max_completion_len=1280, soft_punish_cache=256),
-    }
-
-
 def reward_function(name: str):
     """One ``--reward_funcs`` entry: a TRL registry name, then an existing path or a hub id (``org/name``: a reward
     model, returned as the string the trainer loads), then a dotted import path (``module.function``)."""
-    registry = trl_reward_registry()
+    registry = _trl.script_reward_registry()  # TRL's registry, as its script makes it
     if name in registry:
         return registry[name]
     if os.path.exists(name) or "/" in name:

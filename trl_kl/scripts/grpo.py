@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl.scripts.grpo import GRPOScriptArguments as TRLGRPOScriptArguments
+from trl_kl._trl import GRPOScriptArguments as TRLGRPOScriptArguments
 
 from . import eval_split, load_datasets, make_trl_parser, model_name, reward_functions, set_model_init_kwargs
 from . import announce_device, train_and_save
