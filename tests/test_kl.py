@@ -183,13 +183,13 @@ def test_loss_gradients_match_notes_table():
         f(torch.log_softmax(th, -1)).backward()
         return th.grad
 
-    forward_kl = grad_of(lambda lp: (lp.exp() * (lp - ref_logp)).sum())
-    reverse_kl = grad_of(lambda lp: (ref_logp.exp() * (ref_logp - lp)).sum())
+    grad_kl_pi_ref = grad_of(lambda lp: (lp.exp() * (lp - ref_logp)).sum())  # of KL(pi || pi_ref)
+    grad_kl_ref_pi = grad_of(lambda lp: (ref_logp.exp() * (ref_logp - lp)).sum())  # of KL(pi_ref || pi)
     torch.testing.assert_close(_on_policy_loss_grad("k1", theta, ref_logp), torch.zeros(6, dtype=torch.float64),
                                rtol=0, atol=1e-14)
-    torch.testing.assert_close(_on_policy_loss_grad("k2", theta, ref_logp), forward_kl, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_on_policy_loss_grad("k3", theta, ref_logp), reverse_kl, rtol=1e-12, atol=1e-12)
-    assert not torch.allclose(forward_kl, reverse_kl, atol=1e-3)  # the instance separates the two
+    torch.testing.assert_close(_on_policy_loss_grad("k2", theta, ref_logp), grad_kl_pi_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_on_policy_loss_grad("k3", theta, ref_logp), grad_kl_ref_pi, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(grad_kl_pi_ref, grad_kl_ref_pi, atol=1e-3)  # the instance separates the two
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -203,7 +203,8 @@ def test_calculate_rewards_calls_the_items_of_reward_funcs(stock):
         listed, names = _trl.reward_functions(stock)
         assert listed is stock.reward_funcs and names == ["inf_reward"], entry("reward_funcs")
         with guards.checked_reward_funcs(listed, names) as check:
-            rewards = stock._calculate_rewards([{"prompt": "1+1=", "answer": "2"}] * 2, ["1+1="] * 2, ["2", "3"], [[1]] * 2)
+            inputs = [{"prompt": "1+1=", "answer": "2"}] * 2
+            rewards = stock._calculate_rewards(inputs, ["1+1="] * 2, ["2", "3"], [[1]] * 2)
         assert check.nonfinite == 2 and torch.isnan(rewards).all(), entry("reward_funcs (items called)")
         assert stock.reward_funcs == [inf_reward]  # restored
     finally:
@@ -364,7 +365,8 @@ def test_checkpoint_folder_is_where_the_trainer_saves(stock):
             assert limit == 1 and stock.args.save_total_limit is None
             stock._save_checkpoint(stock.model, None)
         assert stock.args.save_total_limit == 1
-        checkpoints = lambda: sorted(n for n in os.listdir(stock.args.output_dir) if n.startswith("checkpoint-"))  # noqa: E731
+        run = stock.args.output_dir
+        checkpoints = lambda: sorted(n for n in os.listdir(run) if n.startswith("checkpoint-"))  # noqa: E731
         assert checkpoints() == ["checkpoint-7", "checkpoint-8"], entry("save_total_limit (rotation_off)")
         stock.state.global_step = 9
         stock._save_checkpoint(stock.model, None)
@@ -478,7 +480,7 @@ def test_chunked_divergence_globals_and_arguments():
     rh, rw = torch.randn(6, 4, generator=g), torch.randn(9, 4, generator=g)
     common = dict(beta=1.0, temperature=1.0, logit_scale=1.0, final_logit_softcapping=None, ref_logit_scale=1.0,
                   ref_final_logit_softcapping=None)
-    expected = kl.full_kl(h @ w.T, rh @ rw.T)  # beta=1.0: the reverse KL(student || teacher)
+    expected = kl.full_kl(h @ w.T, rh @ rw.T)  # beta=1.0: KL(student || teacher)
     for tile in ((None, None), (4, 2)):  # TRL's tile, then many tiles: the globals are read when it runs
         divergence, _ = _trl.chunked_divergence(h, w, None, rh, rw, None, **common, token_chunk_size=tile[0],
                                                 vocab_chunk_size=tile[1])
@@ -560,7 +562,7 @@ def test_get_batch_samples_takes_num_batches_and_counts_items(dpo):
 
 def test_compute_ref_log_probs_are_the_precomputed_reference_log_probs(dpo):
     """Entry 14: ``compute_ref_log_probs(model, batch)`` returns the reference's summed log-probs of the chosen and
-    the rejected completions, ``(B,)`` each: those ``_precompute_ref_logps`` stored (the fixture's model is untrained)."""
+    the rejected completions, ``(B,)`` each: those ``_precompute_ref_logps`` stored (the fixture is untrained)."""
     rows = [dpo.train_dataset[i] for i in range(2)]
     chosen, rejected = dpo.compute_ref_log_probs(dpo.model, dpo.data_collator(rows))
     assert chosen.shape == rejected.shape == (2,), entry("compute_ref_log_probs")
@@ -573,7 +575,8 @@ def test_grad_norm_and_save_model_calls_in_training(toy_path, tmp_path):
     """Entries 12, 13: in a training run (2 optimizer steps of 2 micro-batches, a checkpoint at step 2)
     ``_get_grad_norm`` is called once per optimizer step, with the gradients of the step in place and before
     ``optimizer.step()``; the checkpoint's ``save_model`` call has ``_internal_call=True``, a user's call not."""
-    pairs = Dataset.from_dict({"prompt": ["12+34=", "7+8="] * 4, "chosen": ["46", "15"] * 4, "rejected": ["47", "1"] * 4})
+    pairs = Dataset.from_dict({"prompt": ["12+34=", "7+8="] * 4, "chosen": ["46", "15"] * 4,
+                               "rejected": ["47", "1"] * 4})
     args = trl.DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                          max_steps=2, save_strategy="steps", save_steps=2, use_cpu=True, bf16=False, report_to="none",
                          learning_rate=1e-3, disable_tqdm=True)

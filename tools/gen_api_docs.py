@@ -153,7 +153,8 @@ def module_section(module_name: str) -> list[str]:
                   "`validate_kl` (and so `GRPOConfig`) checks:", "", "| estimator | placement | verdict | reason |",
                   "|---|---|---|---|"]
         for (estimator, placement), entry in soundness.items():
-            lines.append(f"| {estimator} | {placement} | {entry.verdict} | {entry.reason} |")
+            reason = entry.reason.replace("|", "\\|")  # "KL(pi_ref || pi)" inside a table cell
+            lines.append(f"| {estimator} | {placement} | {entry.verdict} | {reason} |")
         lines.append("")
     return lines
 

@@ -122,8 +122,8 @@ def check_numbers(name: str, value: object, *, optional: bool = False, why: str 
     """``value`` must be a list (or tuple) of finite real numbers. With ``optional``, None passes."""
     if value is None and optional:
         return
-    is_list = isinstance(value, (list, tuple))
-    if not (is_list and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+    finite = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if not (isinstance(value, (list, tuple)) and all(finite(v) for v in value)):
         raise ValueError(_message(name, "a list of finite numbers", value, optional, why))
 
 

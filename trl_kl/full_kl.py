@@ -24,14 +24,15 @@ grad_z log p(a) = e_a - p). With z = s * (h W^T + b) / T it reaches h, W and b t
 is a constant.
 
 The computation is TRL's, not ours. ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` with ``beta=1.0``
-is the reverse KL(student || teacher) per token, from both models' hidden states and LM heads, in tiles of
-``TOKEN_CHUNK_SIZE`` rows x ``VOCAB_CHUNK_SIZE`` vocabulary columns with an online log-sum-exp; the backward
-recomputes the tiles and applies exactly the gradient above (its ``MODE == 1``). It also handles ``logit_scale``
-(Cohere, Granite, ...), final-logit softcapping (Gemma), ZeRO-3 sharded heads (``maybe_gather_lm_head_ctx``) and
-Triton kernels on GPU. This wrapper only adds what a GRPO KL term needs around it: leading batch dimensions, a mask
-that *selects* rows (padding is never projected, so even NaN there cannot leak), a float32 ``(B, T)`` result, and
-the tile size as an argument. The arithmetic is always float32 (float64 inputs are accepted but computed in
-float32, so results agree with a float64 reference to ~1e-6 relative, not 1e-12).
+is KL(student || teacher) = KL(pi || pi_ref) per token (TRL's "reverse KL"), from both models' hidden states and LM
+heads, in tiles of ``TOKEN_CHUNK_SIZE`` rows x ``VOCAB_CHUNK_SIZE`` vocabulary columns with an online log-sum-exp;
+the backward recomputes the tiles and applies exactly the gradient above (its ``MODE == 1``). It also handles
+``logit_scale`` (Cohere, Granite, ...), final-logit softcapping (Gemma), ZeRO-3 sharded heads
+(``maybe_gather_lm_head_ctx``) and Triton kernels on GPU. This wrapper only adds what a GRPO KL term needs around
+it: leading batch dimensions, a mask that *selects* rows (padding is never projected, so even NaN there cannot
+leak), a float32 ``(B, T)`` result, and the tile size as an argument. The arithmetic is always float32 (float64
+inputs are accepted but computed in float32, so results agree with a float64 reference to ~1e-6 relative, not
+1e-12).
 
 Tile size and memory. TRL 1.16 fixes the tile at 4096 x 32768 (module constants, read when its forward and its
 backward run). Its working set is two float32 tile buffers plus, in the torch fallback that runs on CPU (and on GPU
@@ -59,8 +60,8 @@ from . import _trl
 __all__ = ["REVERSE_KL_BETA", "chunked_full_kl", "validate_tile_size"]
 
 REVERSE_KL_BETA = 1.0
-"""``beta`` of TRL's ``ChunkedDivergenceFunction`` that selects the reverse KL(student || teacher) = KL(pi || pi_ref)
-(0.0 is the forward KL, anything in between the generalized JSD)."""
+"""``beta`` of TRL's ``ChunkedDivergenceFunction`` that selects KL(student || teacher) = KL(pi || pi_ref), which TRL
+calls the reverse KL (0.0 selects KL(teacher || student), anything in between the generalized JSD)."""
 
 
 def validate_tile_size(token_chunk_size: int | None, vocab_chunk_size: int | None) -> None:

@@ -228,7 +228,7 @@ def kl_loss(
     """Per-token differentiable KL loss term, ``(B, T)`` (to be masked and averaged by the caller).
 
     On-policy the gradient of k2 is the per-state KL gradient (sound), of k1 zero in expectation
-    (unsound), of k3 the reverse-KL gradient (biased). Off-policy, pass the importance ratio
+    (unsound), of k3 the gradient of KL(pi_ref || pi) (biased). Off-policy, pass the importance ratio
     pi_theta / pi_old: it multiplies the estimator as given, so a *detached* ratio keeps each form's
     on-policy gradient (E_old[rho grad f] = E_pi[grad f]); a ratio with gradient turns k1 and k3
     into sound per-token forms (grad(rho f) = rho (f grad log pi + grad f)), which is what TRL's
@@ -287,17 +287,17 @@ SOUNDNESS: dict[tuple[str, str], Soundness] = {
     ),
     ("k3", "loss"): Soundness(
         "biased",
-        "k3 as a loss has gradient (1 - pi_ref/pi) grad log pi, that of the reverse KL(pi_ref || pi), "
-        "and explodes when pi << pi_ref (Fig. 1).",
+        "k3 as a loss has gradient (1 - pi_ref/pi) grad log pi, the gradient of KL(pi_ref || pi), not of "
+        "KL(pi || pi_ref), and explodes when pi << pi_ref (Fig. 1).",
     ),
     ("k3_clip", "reward"): Soundness(
         "biased",
         "k3_clip moved into the reward, 1 - min(pi_ref/pi_old, k3_clip_max) (eq. 35, appendix D), "
-        "follows a clipped reverse-KL gradient.",
+        "follows a clipped gradient of KL(pi_ref || pi).",
     ),
     ("k3_clip", "loss"): Soundness(
         "biased",
-        "k3_clip as a loss follows a clipped reverse-KL gradient, (1 - min(r, k3_clip_max)) grad log pi "
+        "k3_clip as a loss follows a clipped gradient of KL(pi_ref || pi), (1 - min(r, k3_clip_max)) grad log pi "
         "(appendix D): bounded, but not the gradient of KL(pi || pi_ref).",
     ),
     ("full", "loss"): Soundness(
