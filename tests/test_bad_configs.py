@@ -109,6 +109,10 @@ BAD = [
     (RL, dict(vllm_importance_sampling_mode="foo"), "vllm_importance_sampling_mode"),
     (RL, dict(vllm_importance_sampling_clip_max=0.0), "vllm_importance_sampling_clip_max"),
     (RL, dict(vllm_importance_sampling_clip_min=NAN), "vllm_importance_sampling_clip_min"),
+    (RL, dict(generation_kwargs={"top_p": "0.9"}), "generation_kwargs['top_p']"),  # was a bare TypeError
+    (RL, dict(generation_kwargs={"top_k": 2.5}), "generation_kwargs['top_k']"),
+    (RL, dict(generation_kwargs={"temperature": 0.0}), "generation_kwargs['temperature']"),
+    (RL, dict(generation_kwargs={"do_sample": "yes"}), "generation_kwargs['do_sample']"),
     # TR-DPO's reference sync (all three)
     (ALL, dict(sync_ref_model="no"), "sync_ref_model"),
     (ALL, dict(sync_ref_model=True, ref_model_mixup_alpha=1.5), "ref_model_mixup_alpha"),
@@ -219,7 +223,8 @@ GOOD = [
               entropy_coef=-0.01, reward_weights=[1, 0.5], num_generations_eval=2)),
     (RL, dict(top_k=-1, use_vllm=True, vllm_importance_sampling_clip_min=0.0, vllm_importance_sampling_clip_max=None,
               vllm_importance_sampling_mode="token_mask")),
-    (RL, dict(loss_type="grpo", max_completion_length=None, scale_rewards=True, num_iterations=3)),
+    (RL, dict(loss_type="grpo", max_completion_length=None, scale_rewards=True, num_iterations=3,
+              generation_kwargs={"top_p": 1.0, "top_k": 0, "temperature": 1.0, "do_sample": True})),
     (RL, dict(beta=0, learning_rate=1)),  # ints where TRL's fields are floats (YAML gives them)
     (("ppo",), dict(gamma=0.0, lam=1.0, vf_coef=0.0, value_learning_rate=1e-3, whiten_advantages=False,
                     num_generations=1)),

@@ -10,7 +10,8 @@
   (a list of them), ``check_choice``. ``None`` passes where the field is optional (``optional=True``); ``why`` adds
   the field's meaning to the message.
 * The fields of transformers and TRL that trl_kl relies on, checked at construction by all three configs
-  (``check_training_fields``) and by GRPO's and PPO's (``check_rollout_fields``, ``check_rollout_combinations``):
+  (``check_training_fields``) and by GRPO's and PPO's (``check_rollout_fields``, ``check_generation_kwargs``,
+  ``check_rollout_combinations``):
   TRL computes with several of them in its own ``__post_init__`` (a string batch size there is a bare
   ``TypeError``) and refuses others only inside ``train()``, with torch or generation errors.
 
@@ -194,6 +195,33 @@ def check_rollout_fields(config) -> None:
     check_reference_sync_fields(config)
 
 
+_GENERATION_KWARGS = {
+    "temperature": dict(greater_than=0),
+    "repetition_penalty": dict(greater_than=0),
+    "top_p": dict(greater_than=0, at_most=1),
+    "min_p": dict(at_least=0, at_most=1),
+    "typical_p": dict(greater_than=0, at_most=1),
+    "epsilon_cutoff": dict(at_least=0, less_than=1),
+    "eta_cutoff": dict(at_least=0, less_than=1),
+}
+"""Sampling keys of ``generation_kwargs`` (which override TRL's fields in ``generate``) and their ranges."""
+
+
+def check_generation_kwargs(config) -> None:
+    """The sampling keys of a ``generation_kwargs`` dict (TRL passes it on to ``generate`` or vLLM over its own
+    fields; a JSON string is a dict once TRL's checks ran): the ranges of the fields they override."""
+    kwargs = config.generation_kwargs
+    if not isinstance(kwargs, dict):
+        return
+    for key, bounds in _GENERATION_KWARGS.items():
+        if key in kwargs:
+            check_number(f"generation_kwargs[{key!r}]", kwargs[key], optional=True, **bounds)
+    if "top_k" in kwargs:
+        check_int("generation_kwargs['top_k']", kwargs["top_k"], at_least=-1, optional=True, why="0: no top-k")
+    if "do_sample" in kwargs:
+        check_bool("generation_kwargs['do_sample']", kwargs["do_sample"])
+
+
 def check_reference_sync_fields(config) -> None:
     """TR-DPO's reference sync (GRPO, PPO, DPO): ``ref_model_mixup_alpha`` in [0, 1], ``ref_model_sync_steps`` >= 1,
     and neither set away from its default without ``sync_ref_model=True``, where TRL ignores them."""
@@ -301,7 +329,7 @@ class KLConfigMixin:
 
     ``__post_init__`` in order: ``_check_fields`` (each field's type and range: a bad value fails here, naming the
     field, not as a bare ``TypeError`` in TRL's arithmetic or an error inside ``train()``), ``_run_trl_checks``
-    (transformers' and TRL's own), ``_validate_kl``, ``_check_combinations``."""
+    (transformers' and TRL's own), ``check_generation_kwargs``, ``_validate_kl``, ``_check_combinations``."""
 
     loss_type: str = field(
         default="dr_grpo",
@@ -395,6 +423,7 @@ class KLConfigMixin:
     def __post_init__(self):
         self._check_fields()
         self._run_trl_checks()
+        check_generation_kwargs(self)  # a JSON string is a dict once TRL's checks ran
         self._validate_kl()
         self._check_combinations()
 
