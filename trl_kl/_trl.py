@@ -34,7 +34,7 @@ Hooks trl_kl overrides or calls (``HOOKS``: owner, name, leading parameters, con
    (``optimizer_step_ended``).
 6. ``Trainer._save_checkpoint(model, trial)``, ``Trainer._load_optimizer_and_scheduler(checkpoint)`` (overrides):
    save / restore a checkpoint in ``checkpoint_folder``, ``<_get_output_dir(trial)>/checkpoint-<global step>``
-   (``PREFIX_CHECKPOINT_DIR``; ``run_folder``).
+   (``run_folder``; ``PREFIX_CHECKPOINT_DIR``, which ``trl_kl.checkpoints`` also finds checkpoints by).
 7. ``DPOTrainer._prepare_dataset(dataset, processing_class, args, dataset_name)`` (override, and called on a window
    of fresh pairs: ``prepare_dpo_dataset``): tokenizes ``prompt``/``chosen``/``rejected`` into ``prompt_ids``,
    ``chosen_ids``, ``rejected_ids``.
@@ -147,6 +147,7 @@ __all__ = [
     "Hook",
     "MULTI_OBJECTIVE_AGGREGATIONS",
     "PolicyForward",
+    "PREFIX_CHECKPOINT_DIR",
     "SCRIPT_REWARDS",
     "aggregate_like_trl",
     "captured_hidden_states",

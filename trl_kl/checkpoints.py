@@ -27,9 +27,12 @@ import re
 import shutil
 import time
 
+from ._trl import PREFIX_CHECKPOINT_DIR
+
 MANIFEST = "trl_kl_checkpoint.json"
 """The file whose presence (with every file it lists intact) marks a checkpoint complete. Written last."""
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_CHECKPOINT = re.compile(rf"^{re.escape(PREFIX_CHECKPOINT_DIR)}-(\d+)$")
+"""transformers' checkpoint folders, ``checkpoint-<step>`` (``trl_kl._trl``, entry 6)."""
 
 
 class CheckpointError(ValueError):
