@@ -186,6 +186,7 @@ BAD = [
 INTERACTIONS = [
     (RL, dict(loss_type="dr_grpo", max_completion_length=None), "max_completion_length"),  # dr_grpo divides by it
     (RL, dict(top_k=-1), "top_k"),  # vLLM's "no top-k"; transformers' generate refuses it
+    (RL, dict(generation_kwargs={"top_k": -1}), "top_k"),
     (ALL, dict(ref_model_mixup_alpha=0.9), "ref_model_mixup_alpha"),  # TRL ignores it without sync_ref_model
     (ALL, dict(ref_model_sync_steps=64), "ref_model_sync_steps"),
     (("ppo",), dict(scale_rewards="none"), "scale_rewards"),  # PPO's advantages are GAE's, whitened

@@ -7,13 +7,13 @@
   truncated distribution, which no importance weight corrects: refused with a KL term (TRL issue #6789).
 * Validators for config fields, each raising one ``ValueError`` that names the field, what it must be and the
   value it got: ``check_bool``, ``check_int``, ``check_number`` (finite, with optional bounds), ``check_numbers``
-  (a list of them), ``check_choice``. ``None`` passes where the field is optional (``optional=True``); ``why`` adds
-  the field's meaning to the message.
+  (a list of them), ``check_choice``, ``check_items`` (a list of choices). ``None`` passes where the field is
+  optional (``optional=True``); ``why`` adds the field's meaning to the message.
 * The fields of transformers and TRL that trl_kl relies on, checked at construction by all three configs
-  (``check_training_fields``) and by GRPO's and PPO's (``check_rollout_fields``, ``check_generation_kwargs``,
-  ``check_rollout_combinations``):
-  TRL computes with several of them in its own ``__post_init__`` (a string batch size there is a bare
-  ``TypeError``) and refuses others only inside ``train()``, with torch or generation errors.
+  (``check_training_fields``, ``check_reference_sync_fields``) and by GRPO's and PPO's (``check_rollout_fields``,
+  ``check_generation_kwargs``, ``check_rollout_combinations``): TRL computes with several of them in its own
+  ``__post_init__`` (a string batch size there is a bare ``TypeError``) and refuses others only inside ``train()``,
+  with torch or generation errors (docs/reliability.md#before-training).
 
 The theory behind the fields: docs/theory.md (estimators, placement, sequence-kl, adaptive-kl).
 """
@@ -245,7 +245,8 @@ def check_rollout_combinations(config) -> None:
             "loss_type='dr_grpo' (trl_kl's default) divides the loss by max_completion_length, so it must be an "
             "integer (e.g. 256), not None; or choose another loss_type."
         )
-    if config.top_k == -1 and not config.use_vllm:
+    overrides = config.generation_kwargs if isinstance(config.generation_kwargs, dict) else {}
+    if overrides.get("top_k", config.top_k) == -1 and not config.use_vllm:
         raise ValueError(
             "top_k=-1 is vLLM's spelling of 'no top-k'; transformers' generate (use_vllm=False) refuses it inside "
             "train(). Use top_k=0 (TRL's default)."
