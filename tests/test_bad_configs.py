@@ -219,7 +219,7 @@ INTERACTIONS = [
 GOOD = [
     (ALL, dict(max_grad_norm=0.0, learning_rate=1e-30, skip_nonfinite_steps=True)),
     (ALL, dict(sync_ref_model=True, ref_model_mixup_alpha=1.0, ref_model_sync_steps=1)),
-    (RL, dict(temperature=0.01, top_p=None, top_k=None, min_p=0.0, repetition_penalty=1.3, epsilon=0.0,
+    (RL, dict(temperature=0.01, top_p=None, top_k=None, min_p=0.0, repetition_penalty=1.0, epsilon=0.0,
               epsilon_high=0.0, delta=1.5, top_entropy_quantile=0.0, off_policy_mask_threshold=0.5,
               entropy_coef=-0.01, reward_weights=[1, 0.5], num_generations_eval=2)),
     (RL, dict(top_k=-1, use_vllm=True, vllm_importance_sampling_clip_min=0.0, vllm_importance_sampling_clip_max=None,
@@ -227,6 +227,7 @@ GOOD = [
     (RL, dict(loss_type="grpo", max_completion_length=None, scale_rewards=True, num_iterations=3,
               generation_kwargs={"top_p": 1.0, "top_k": 0, "temperature": 1.0, "do_sample": True})),
     (RL, dict(beta=0, learning_rate=1)),  # ints where TRL's fields are floats (YAML gives them)
+    (RL, dict(beta=0, repetition_penalty=1.3)),  # with a KL term: refused (test_config.py, reshaped sampling)
     (("ppo",), dict(gamma=0.0, lam=1.0, vf_coef=0.0, value_learning_rate=1e-3, whiten_advantages=False,
                     num_generations=1)),
     (("grpo",), dict(clip_std_min=0.1, clip_std_max=0.1, scale_rewards=True, beta=0.0)),

@@ -256,6 +256,28 @@ def test_truncated_sampling_with_kl_is_refused(tmp_path, config, overrides):
     build(**{**common, "beta": 0.0}, **overrides)  # no KL: stock TRL
 
 
+RESHAPING = {
+    "repetition_penalty": dict(repetition_penalty=1.2),
+    "generation_kwargs repetition_penalty": dict(generation_kwargs={"repetition_penalty": 1.1}),
+    "no_repeat_ngram_size": dict(generation_kwargs={"no_repeat_ngram_size": 3}),
+    "generation_kwargs temperature": dict(generation_kwargs={"temperature": 0.7}),
+}
+
+
+@pytest.mark.parametrize("config", ["grpo", "ppo"])
+@pytest.mark.parametrize("overrides", list(RESHAPING.values()), ids=list(RESHAPING))
+def test_reshaped_sampling_with_kl_is_refused(tmp_path, config, overrides):
+    """A sampler reshaped away from the policy at `temperature` (repetition penalty, n-gram ban, another temperature
+    in generation_kwargs) draws off-policy rollouts no trainer weight corrects: refused with a KL term."""
+    common = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, beta=0.04)
+    build = (lambda **kw: GRPOConfig(num_generations=2, **kw)) if config == "grpo" else PPOConfig
+    with pytest.raises(ValueError, match=r"changes the distribution the completions are sampled from.*repetition_penalty=1\.0"):
+        build(**common, **overrides)
+    build(**common, **overrides, allow_unsound_kl=True)  # an ablation
+    build(**{**common, "beta": 0.0}, **overrides)  # no KL: stock TRL
+    build(**common, generation_kwargs={"temperature": 1.0, "repetition_penalty": 1.0})  # restating the policy's own
+
+
 def test_untruncated_sampling_settings_are_accepted(tmp_path):
     """TRL's defaults (top_p=1.0, top_k=0, min_p=None) and the other spellings of "off" (top_k=None as in
     transformers, top_k=-1 as in vLLM, min_p=0, generation_kwargs that restate them) construct with a KL term."""

@@ -280,6 +280,20 @@ def truncated_sampling(config) -> list[str]:
     return [f"{name}={value!r}" for name, value in values.items() if not _UNTRUNCATED[name](value)]
 
 
+def reshaped_sampling(config) -> list[str]:
+    """The settings of a TRL generation config that make the sampler draw from another distribution than the one
+    TRL computes the policy's log-probabilities of (``temperature``), without cutting tokens: a repetition penalty,
+    an n-gram ban, or a ``generation_kwargs`` temperature other than ``temperature``; as ``"name=value"`` texts."""
+    values = {"repetition_penalty": getattr(config, "repetition_penalty", None)}
+    overrides = getattr(config, "generation_kwargs", None)
+    if isinstance(overrides, dict):
+        values.update({k: v for k, v in overrides.items() if k in ("repetition_penalty", "no_repeat_ngram_size")})
+        if "temperature" in overrides and overrides["temperature"] != getattr(config, "temperature", None):
+            values["generation_kwargs temperature"] = overrides["temperature"]
+    kept = {"repetition_penalty": lambda v: v is None or v == 1, "no_repeat_ngram_size": lambda v: not v}
+    return [f"{name}={value!r}" for name, value in values.items() if not kept.get(name, lambda v: False)(value)]
+
+
 # ---------------------------------------------------------------------------------------------------
 # The KL settings
 # ---------------------------------------------------------------------------------------------------
@@ -506,6 +520,16 @@ class KLConfigMixin:
                 "docs/theory.md#sampler-mismatch). Sample the training rollouts untruncated: top_p=1.0, top_k=0 (or "
                 "None), min_p=None (TRL's defaults; also in generation_kwargs), or set allow_unsound_kl=True to "
                 "accept the bias."
+            )
+        reshaped = reshaped_sampling(self)
+        if reshaped:
+            raise ValueError(
+                f"{', '.join(reshaped)} changes the distribution the completions are sampled from, while the policy's "
+                "log-probabilities (the KL penalty, the importance ratio) are computed without it, at `temperature`: "
+                "the rollouts are off-policy in a way no weight of the trainer corrects, and every KL gradient is "
+                "biased (docs/theory.md#sampler-mismatch). Sample the training rollouts from the policy itself: "
+                "repetition_penalty=1.0, no n-gram ban, the same temperature in generation_kwargs as in "
+                "`temperature`, or set allow_unsound_kl=True to accept the bias."
             )
 
     @classmethod
