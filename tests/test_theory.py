@@ -91,3 +91,16 @@ def test_every_theory_link_resolves():
     assert any(name == "docs/theory.md" for name, _, _ in links), "theory.md's own table of contents was not scanned"
     broken = [f"{name}:{line} -> #{anchor}" for name, line, anchor in links if anchor not in anchors]
     assert not broken, "links to anchors docs/theory.md does not define:\n" + "\n".join(broken)
+
+
+OUTSIDE_REFERENCE = re.compile(r"NOTES *§|NOTES\.md|\.\./shared|shared/(?:paper|NOTES|DESIGN|TRL_NOTES)")
+"""Pointers at private notes that users of the package never have: the theory lives in docs/theory.md."""
+
+
+def test_no_reference_points_outside_the_repo():
+    offenders = []
+    for path in scanned_files():
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if OUTSIDE_REFERENCE.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
+    assert not offenders, "point these at docs/theory.md#<anchor> instead:\n" + "\n".join(offenders)
