@@ -18,7 +18,7 @@ Memory is the peak of the summed bytes of live tensors allocated by aten ops dur
 caching allocator's high-water mark above what was allocated before the call (``torch.cuda.max_memory_allocated``),
 which sees Triton's and cuBLAS's workspaces too. ``--vocab`` takes several sizes (32000: Llama-2 / Mistral;
 151936: Qwen2.5): TRL's tiles are 32768 columns wide whatever V is, so the ratio to one chunk's logits depends on V. Time is one
-forward + backward, wall clock. The paper's way (1) (section 4; NOTES §3) is only affordable with the chunked form.
+forward + backward, wall clock. The paper's way (1) (section 4; docs/theory.md#full-kl) is only affordable with the chunked form.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def render(rows: list[dict], args, command: str, total_seconds: float, load: tup
         START,
         "## Exact full-vocabulary KL: memory and time (`benchmarks/full_kl_memory.py`)",
         "",
-        "The paper's way (1) of getting GRPO's KL right (section 4, NOTES §3) is the exact per-state KL over the",
+        "The paper's way (1) of getting GRPO's KL right (section 4; [theory §7](theory.md#full-kl)) is the exact per-state KL over the",
         "whole vocabulary. `trl_kl.full_kl.chunked_full_kl` is a thin wrapper over TRL 1.16's",
         "`ChunkedDivergenceFunction` (beta = 1: KL(student || teacher)), which computes it from the final hidden",
         "states and the LM heads in tiles of positions x vocabulary (logits recomputed in the backward); the naive",

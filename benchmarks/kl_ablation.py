@@ -54,7 +54,7 @@ if str(ROOT) not in sys.path:
 class Variant:
     key: str
     label: str
-    verdict: str  # the paper's / kl.SOUNDNESS's verdict, with NOTES §7's refinement
+    verdict: str  # the paper's / kl.SOUNDNESS's verdict, with docs/theory.md#sequence-kl's refinement
     overrides: dict = field(default_factory=dict, hash=False, compare=False)
 
 

@@ -4,7 +4,7 @@
     python benchmarks/offpolicy_efficiency.py --quick         # 3 arms x 2 seeds, short budget (smoke test, ~1 min)
     python benchmarks/offpolicy_efficiency.py --plot-only     # redraw the table and plot from the JSON
 
-The paper's case for off-policy GRPO (section 4, NOTES §3) is cost: each batch of completions, the expensive
+The paper's case for off-policy GRPO (section 4; docs/theory.md#off-policy) is cost: each batch of completions, the expensive
 part of RLHF, feeds several updates (``num_iterations`` > 1), with importance sampling and the PPO-2 clip
 correcting for the staleness and the KL moved into the per-token reward (eq. 39) so that it is estimated under
 the right distribution. This benchmark measures that on the offline toy task (``trl_kl.toy``: a char-level
