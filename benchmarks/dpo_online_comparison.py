@@ -18,16 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+from _common import mean_std, read_section, write_section  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "dpo.md"
-START, END = "<!-- dpo_online_comparison:start -->", "<!-- dpo_online_comparison:end -->"
+SECTION = "dpo_online_comparison"  # its marked section of docs/dpo.md
 
 DEFAULT = "default"
 """A variant field set to DEFAULT takes its value from the command line (--sft-weight, --resample-every)."""
@@ -110,10 +111,8 @@ def baseline(seed: int, args) -> dict:
 
 
 def _cell(values: list[float], digits: int = 3) -> str:
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f}" if len(values) < 2 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def table(results: dict[str, list[dict]], args) -> str:
@@ -177,11 +176,9 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     if args.write:
-        doc = DOC.read_text()
-        if START not in doc or END not in doc:
-            raise SystemExit(f"{DOC} has no {START} ... {END} section to fill")
-        head, rest = doc.split(START, 1)
-        DOC.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
+        if read_section(DOC, SECTION) is None:
+            raise SystemExit(f"{DOC} has no {SECTION} section to fill")
+        write_section(DOC, SECTION, text)
     return results
 
 

@@ -24,7 +24,6 @@ forward + backward, wall clock. The paper's way (1) (section 4; docs/theory.md#f
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import platform
 import sys
@@ -36,12 +35,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trl.kernels.chunked_divergence as trl_divergence  # noqa: E402
-from memory_tracker import TensorMemoryTracker  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from memory_tracker import TensorMemoryTracker  # noqa: E402
 
 from trl_kl import kl  # noqa: E402
 from trl_kl.full_kl import chunked_full_kl  # noqa: E402
 
-START, END = "<!-- full_kl_memory:start -->", "<!-- full_kl_memory:end -->"
+SECTION = "full_kl_memory"  # its marked section of docs/performance.md
 MB = 1024 * 1024
 
 
@@ -150,7 +150,6 @@ def render(rows: list[dict], args, command: str, total_seconds: float, load: tup
         hardware = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
                     f"{torch.get_num_threads()} threads, no GPU: TRL's torch fallback, not its Triton kernels")
     lines = [
-        START,
         "## Exact full-vocabulary KL: memory and time (`benchmarks/full_kl_memory.py`)",
         "",
         "The paper's way (1) of getting GRPO's KL right (section 4; [theory §7](theory.md#full-kl)) is the exact per-state KL over the",
@@ -219,30 +218,8 @@ def render(rows: list[dict], args, command: str, total_seconds: float, load: tup
         "path is not measured on this machine (`--device cuda` measures it).",
         "* The naive peak is 7 x N x V x 4 B, reached in the forward. The chunked backward recomputes both models' "
         "logits (6 matmuls of N x H x V instead of 4).",
-        END,
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) only this benchmark's marked section, read-modify-write under a lock, right now."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            f.seek(0)
-            text = f.read() or "# Performance\n"
-            if START in text and END in text:
-                before, rest = text.split(START, 1)
-                after = rest.split(END, 1)[1]
-                text = before + section + after
-            else:
-                text = text.rstrip("\n") + "\n\n" + section + "\n"
-            f.seek(0)
-            f.truncate()
-            f.write(text)
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def main(argv=None):
@@ -268,7 +245,7 @@ def main(argv=None):
     if args.no_write:
         print(section)
     else:
-        write_section(args.out, section)
+        write_section(args.out, SECTION, section)
         print(f"wrote the full_kl_memory section of {args.out}")
 
 

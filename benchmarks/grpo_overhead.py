@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -65,6 +64,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import trl_kl
+from _common import machine, write_section  # benchmarks/ is on sys.path when run as a script
 from trl_kl.toy import correctness_reward, make_dataset, toy_model_path
 
 MODELS = {
@@ -369,29 +369,6 @@ def summarise(stock: np.ndarray, ours: np.ndarray, seed: int = SEED) -> dict:
 # ---- machine and report -------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine() -> dict:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": cpu_model(),
-        "cores": cores,
-        "threads": torch.get_num_threads(),
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, trl {trl.__version__}",
-        "load": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
 def ms(x: float) -> str:
     return f"{1e3 * x:.2f}"
 
@@ -503,25 +480,6 @@ def render(opts, info: dict, results: dict, forwards: dict, breakdowns: dict, se
     return "\n".join(lines)
 
 
-def write_section(path: str, section: str, marker: str = "grpo_overhead"):
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    block = f"{start}\n{section}\n{end}\n"
-    if os.path.exists(path):
-        with open(path) as f:
-            text = f.read()
-        if start in text and end in text:
-            head, rest = text.split(start, 1)
-            tail = rest.split(end, 1)[1].lstrip("\n")
-            text = head + block + ("\n" + tail if tail else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    else:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        text = HEADER + "\n" + block
-    with open(path, "w") as f:
-        f.write(text)
-
-
 # ---- main ---------------------------------------------------------------------------------------------
 
 
@@ -624,7 +582,7 @@ def main(argv=None):
     section = render(opts, info, results, forwards, breakdowns, time.perf_counter() - started)
     print("\n" + section)
     if not opts.no_write:
-        write_section(opts.output, section, MODELS[opts.model]["marker"])
+        write_section(opts.output, MODELS[opts.model]["marker"], section, new_page=HEADER)
         print(f"\n# wrote {opts.output}")
 
 

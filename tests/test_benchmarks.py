@@ -1,5 +1,6 @@
 """The measuring code of benchmarks/full_kl_memory.py and benchmarks/grpo_overhead.py, on small inputs: what
-docs/performance.md reports must come out of them (closed forms where there are some)."""
+docs/performance.md reports must come out of them (closed forms where there are some); and benchmarks/_common.py,
+the section writer, statistics and worker pool every benchmark shares."""
 
 import argparse
 import sys
@@ -8,8 +9,40 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _common  # noqa: E402
 import full_kl_memory  # noqa: E402
 import grpo_overhead  # noqa: E402
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path):
+    page = tmp_path / "docs" / "performance.md"
+    _common.write_section(page, "a", "first A")  # a new page: the header, then the block
+    _common.write_section(page, "b", "first B\n")  # appended after A
+    page.write_text(page.read_text() + "hand-written tail\n")
+    _common.write_section(page, "a", "second A")
+    text = page.read_text()
+    assert text.startswith("# Performance\n")
+    assert _common.read_section(page, "a") == "second A" and _common.read_section(page, "b") == "first B"
+    assert text.index("second A") < text.index("first B") < text.index("hand-written tail")
+    assert "first A" not in text and text.count("<!-- a:start -->") == 1
+    _common.write_section(page, "a", "second A")
+    assert page.read_text() == text  # idempotent
+    assert _common.read_section(page, "missing") is None
+
+
+def test_seed_statistics_closed_forms():
+    assert _common.mean_std([1.0, 2.0, 3.0, None, float("nan")]) == (2.0, 1.0)  # n - 1 in the std; gaps ignored
+    assert _common.mean_std([5.0]) == (5.0, 0.0)
+    assert all(v != v for v in _common.mean_std([]))
+    assert _common.median([3.0, 1.0, 2.0]) == 2.0 and _common.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    assert _common.median([None]) is None
+    low, high = _common.bootstrap_ci(lambda xs: sum(xs) / len(xs), [1.0, 2.0, 3.0, 4.0], resamples=500)
+    assert 1.0 <= low < 2.5 < high <= 4.0
+    assert _common.bootstrap_ci(lambda xs: sum(xs) / len(xs), [2.0] * 5, resamples=50) == (2.0, 2.0)
+
+
+def test_run_parallel_keeps_the_payload_order():
+    assert _common.run_parallel(abs, [-3, 2, -1], workers=1) == [3, 2, 1]
 
 
 def test_full_kl_memory_rows_naive_closed_form_and_small_tile_within_target():
