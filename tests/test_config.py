@@ -183,6 +183,21 @@ def test_vespo_takes_the_sequence_scope_or_no_kl(tmp_path):
         make_config(tmp_path, loss_type="vespo", kl_reward_scope="return_to_go")
 
 
+
+@pytest.mark.parametrize("mask", [dict(top_entropy_quantile=0.2), dict(off_policy_mask_threshold=0.5)])
+def test_trl_loss_masks_refused_when_the_loss_carries_the_kl(tmp_path, mask):
+    """TRL multiplies its per-token loss by the entropy mask and the off-policy sequence mask; with the KL in the
+    advantage (reward placement, token weight) that would drop the penalty wherever a mask is 0. Where the KL is its
+    own term (sequence weight, loss placement) or absent, the masks are TRL's business."""
+    for scope in ("return_to_go", "token", "sequence"):
+        with pytest.raises(ValueError, match="penalty would be dropped wherever the mask is 0"):
+            make_config(tmp_path, kl_reward_scope=scope, **mask)
+    make_config(tmp_path, kl_importance_weight="sequence", **mask)
+    make_config(tmp_path, kl_estimator="k2", kl_placement="loss", **mask)
+    make_config(tmp_path, beta=0.0, **mask)
+    make_config(tmp_path, allow_unsound_kl=True, **mask)
+    make_config(tmp_path, top_entropy_quantile=1.0)  # TRL's default: no mask
+
 # ---------------------------------------------------------------------------------------------------
 # kl_importance_weight (docs/theory.md#sampler-mismatch)
 # ---------------------------------------------------------------------------------------------------

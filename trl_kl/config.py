@@ -418,7 +418,8 @@ class KLConfigMixin:
         metadata={
             "help": "Allow what is refused as unsound, for ablations: the estimator/placement pairs the paper shows to "
             "be unsound (k1 as loss, k2 or full in the reward), a truncated sampler (top_p < 1, top_k, min_p) with "
-            "beta > 0, and (GRPO) GSPO's sequence ratio on a per-token KL. Biased pairs (k3) only warn."
+            "beta > 0, and (GRPO) GSPO's sequence ratio or TRL's loss masks (top_entropy_quantile, "
+            "off_policy_mask_threshold) on a KL carried in the advantage. Biased pairs (k3) only warn."
         },
     )
 
