@@ -197,6 +197,12 @@ def test_trl_loss_masks_refused_when_the_loss_carries_the_kl(tmp_path, mask):
     make_config(tmp_path, beta=0.0, **mask)
     make_config(tmp_path, allow_unsound_kl=True, **mask)
     make_config(tmp_path, top_entropy_quantile=1.0)  # TRL's default: no mask
+    # PPO: GAE carries the penalty in the advantages the same way
+    ppo = dict(cls=PPOConfig, num_generations=1)
+    with pytest.raises(ValueError, match="Use kl_placement='loss'"):
+        make_config(tmp_path, **ppo, **mask)
+    make_config(tmp_path, **ppo, kl_estimator="k2", kl_placement="loss", **mask)
+    make_config(tmp_path, **ppo, beta=0.0, **mask)
 
 # ---------------------------------------------------------------------------------------------------
 # kl_importance_weight (docs/theory.md#sampler-mismatch)

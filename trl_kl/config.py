@@ -280,6 +280,26 @@ def truncated_sampling(config) -> list[str]:
     return [f"{name}={value!r}" for name, value in values.items() if not _UNTRUNCATED[name](value)]
 
 
+def check_loss_masks(config, kl_in_advantage: bool) -> None:
+    """TRL's loss masks (``top_entropy_quantile < 1``, ``off_policy_mask_threshold``) multiply its per-token loss; a
+    KL penalty carried in the advantage would be dropped wherever they are 0, so the update would no longer follow
+    the sequence KL (stock TRL adds its own KL after the masks). Refused there unless ``allow_unsound_kl``."""
+    masks = [f"top_entropy_quantile={config.top_entropy_quantile}"] if config.top_entropy_quantile < 1 else []
+    if config.off_policy_mask_threshold is not None:
+        masks.append(f"off_policy_mask_threshold={config.off_policy_mask_threshold}")
+    if kl_in_advantage and masks and not config.allow_unsound_kl:
+        alternatives = ("kl_importance_weight='sequence' or kl_placement='loss'"
+                        if hasattr(config, "kl_importance_weight") else "kl_placement='loss'")
+        raise ValueError(
+            f"{' and '.join(masks)} with the KL in the reward: TRL multiplies its per-token loss by these masks "
+            "(low-entropy tokens; negative-advantage sequences that drifted from the sampler), and with "
+            "kl_placement='reward' the advantages in that loss carry the KL penalty, so the penalty would be dropped "
+            "wherever the mask is 0 and the update would no longer follow the sequence KL (stock TRL adds its own "
+            f"KL after the masks). Use {alternatives} (the KL as its own term, outside the masks), drop the mask, "
+            "or set allow_unsound_kl=True for an ablation."
+        )
+
+
 def reshaped_sampling(config) -> list[str]:
     """The settings of a TRL generation config that make the sampler draw from another distribution than the one
     TRL computes the policy's log-probabilities of (``temperature``), without cutting tokens: a repetition penalty,

@@ -37,7 +37,7 @@ from accelerate.utils import send_to_device
 
 from . import guards, importance, kl
 from .advantages import effective_sample_size, group_normalized_advantages, validate_std_bounds
-from .config import KLConfigMixin, KLSettings, check_choice, check_number
+from .config import KLConfigMixin, KLSettings, check_choice, check_loss_masks, check_number
 from .full_kl import chunked_full_kl
 from .reliability import ReliabilityMixin
 
@@ -148,18 +148,7 @@ class GRPOConfig(KLConfigMixin, trl.GRPOConfig):
                 "outside TRL's ratio: every scope), importance_sampling_level='token', or allow_unsound_kl=True for "
                 "an ablation."
             )
-        masks = [f"top_entropy_quantile={self.top_entropy_quantile}"] if self.top_entropy_quantile < 1 else []
-        if self.off_policy_mask_threshold is not None:
-            masks.append(f"off_policy_mask_threshold={self.off_policy_mask_threshold}")
-        if kl_in_advantage and masks and not self.allow_unsound_kl:
-            raise ValueError(
-                f"{' and '.join(masks)} with the KL in the reward: TRL multiplies its per-token loss by these masks "
-                "(low-entropy tokens; negative-advantage sequences that drifted from the sampler), and with "
-                "kl_placement='reward' that loss carries the KL penalty, so the penalty would be dropped wherever the "
-                "mask is 0 and the update would no longer follow the sequence KL (stock TRL adds its own KL after the "
-                "masks). Use kl_importance_weight='sequence' or kl_placement='loss' (the KL as its own term, outside "
-                "the masks), drop the mask, or set allow_unsound_kl=True for an ablation."
-            )
+        check_loss_masks(self, kl_in_advantage)
 
     def _kl_loss_weighted_with_gradient(self) -> bool:
         return (

@@ -27,7 +27,7 @@ from transformers import AutoModelForTokenClassification, PreTrainedModel
 
 from . import guards, kl
 from .advantages import gae, masked_whiten
-from .config import KLConfigMixin, check_bool, check_number
+from .config import KLConfigMixin, check_bool, check_loss_masks, check_number
 from .grpo import GRPOTrainer, loss_mask
 
 
@@ -87,6 +87,7 @@ class PPOConfig(KLConfigMixin, trl.GRPOConfig):
 
     def _check_combinations(self) -> None:
         super()._check_combinations()
+        check_loss_masks(self, kl_in_advantage=self.beta != 0 and self.kl_placement == "reward")  # GAE carries it
         if self.loss_type == "vespo":
             raise ValueError(
                 "loss_type='vespo' weights whole sequences by the sign of their advantage, but PPO's advantages are "
