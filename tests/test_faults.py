@@ -466,6 +466,26 @@ def test_two_process_resume_is_exact(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_stops_or_skips_on_both(tmp_path):
+    """Rank 1's loss is NaN at optimizer step 2, rank 0's is finite. Stopping (the default): both ranks raise
+    NonFiniteError naming step 2 (rank 0 learns of it through the all-reduced flag), no rank hangs, the weights are
+    step 1's. skip_nonfinite_steps: both skip step 2, train on to step 3 with finite weights, and agree. (About 30 s.)"""
+    files = [tmp_path / f"{mode}_rank{rank}.json" for mode in ("stop", "skip") for rank in (0, 1)]
+    torchrun([HERE / "dist_nonfinite.py", tmp_path], tmp_path / "torchrun.log", finished=lambda: all(map(Path.exists, files)),
+             timeout=600)
+    stop = [json.loads((tmp_path / f"stop_rank{rank}.json").read_text()) for rank in (0, 1)]
+    skip = [json.loads((tmp_path / f"skip_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["world"] == 2 for r in stop + skip)
+    assert "Non-finite loss (non-finite on another process) at optimizer step 2" in stop[0]["error"], stop[0]
+    assert "Non-finite loss (nan) at optimizer step 2" in stop[1]["error"], stop[1]
+    assert [r["global_step"] for r in stop] == [1, 1] and all(r["finite"] for r in stop)
+    assert stop[0]["fingerprint"] == stop[1]["fingerprint"]
+    assert [r["error"] for r in skip] == [None, None] and [r["global_step"] for r in skip] == [3, 3]
+    assert [r["step2_change"] for r in skip] == [0.0, 0.0] and all(r["finite"] for r in skip)
+    assert skip[0]["fingerprint"] == skip[1]["fingerprint"] and skip[0]["skipped"] == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.slow
 def test_the_peer_of_a_stalled_rank_errors_after_ddp_timeout(tmp_path):
     """Rank 1 stalls inside a reward function; rank 0, waiting in the gather, gets gloo's timeout error after
     ddp_timeout (10 s here) instead of gloo's default 30 minutes. (About 20 s.)"""
