@@ -42,6 +42,19 @@ COMPLETIONS = ["46", "47", "15", "1", "71", "7", "102", "12"]
 ADVANTAGES = [1.0, -1.0, 0.7, -0.7, 0.3, -0.3, 1.2, -1.2]
 
 
+def assert_same_rollout_advantages(ours, stock):
+    """``stock`` takes ``ours``'s weights; from the same seed both trainers sample the same completions of 2 toy
+    prompts x 2 and give them the same advantages."""
+    stock.model.load_state_dict(ours.model.state_dict())
+    inputs = [{"prompt": p, "answer": a} for p, a in zip(["12+34="] * 2 + ["7+8="] * 2, ["46"] * 2 + ["15"] * 2)]
+    rollouts = []
+    for trainer in (ours, stock):
+        torch.manual_seed(0)
+        rollouts.append(trainer._generate_and_score_completions(inputs))
+    assert torch.equal(rollouts[0]["completion_ids"], rollouts[1]["completion_ids"])
+    torch.testing.assert_close(rollouts[0]["advantages"], rollouts[1]["advantages"], rtol=0, atol=1e-6)
+
+
 def fixed_batch(trainer, seed=0, rows=B):
     """A fixed rollout of ``rows`` completions (toy prompts, right-padded completions ending in eos), with
     old/ref log-probs at seeded offsets from the current policy's, so the importance ratio is not 1

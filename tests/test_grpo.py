@@ -7,7 +7,7 @@ import pytest
 import torch
 import trl
 
-from grpo_batch import B, G, fixed_batch, make_config, make_trainer
+from grpo_batch import assert_same_rollout_advantages, B, G, fixed_batch, make_config, make_trainer
 from trl_kl import GRPOConfig, GRPOTrainer, kl
 from trl_kl.toy import correctness_reward, make_dataset
 
@@ -136,14 +136,7 @@ def test_beta_zero_equals_stock_trl(toy_path, tmp_path):
     and the same loss on the same fixed batch."""
     ours = make_trainer(toy_path, make_config(tmp_path, beta=0.0))
     stock = make_trainer(toy_path, make_config(tmp_path, cls=trl.GRPOConfig, beta=0.0), cls=trl.GRPOTrainer)
-    stock.model.load_state_dict(ours.model.state_dict())
-    inputs = [{"prompt": p, "answer": a} for p, a in zip(["12+34="] * 2 + ["7+8="] * 2, ["46"] * 2 + ["15"] * 2)]
-    rollouts = []
-    for trainer in (ours, stock):
-        torch.manual_seed(0)
-        rollouts.append(trainer._generate_and_score_completions(inputs))
-    assert torch.equal(rollouts[0]["completion_ids"], rollouts[1]["completion_ids"])
-    torch.testing.assert_close(rollouts[0]["advantages"], rollouts[1]["advantages"], rtol=0, atol=1e-6)
+    assert_same_rollout_advantages(ours, stock)
     batch, _ = fixed_batch(ours)
     batch.pop("ref_per_token_logps")
     torch.testing.assert_close(ours._compute_loss(ours.model, dict(batch)), stock._compute_loss(stock.model, dict(batch)))

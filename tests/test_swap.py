@@ -11,7 +11,7 @@ import pytest
 import torch
 import trl
 
-from grpo_batch import fixed_batch, make_config, make_trainer
+from grpo_batch import assert_same_rollout_advantages, fixed_batch, make_config, make_trainer
 from trl_kl import GRPOConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,15 +87,7 @@ def test_the_line_gives_stock_trl_loss_and_gradient(toy_path, tmp_path, num_iter
     )
     assert stock_args.use_bias_correction_kl is True and stock_args.loss_type == "dapo"  # TRL's defaults
     stock = make_trainer(toy_path, stock_args, cls=trl.GRPOTrainer)
-    stock.model.load_state_dict(ours.model.state_dict())
-
-    inputs = [{"prompt": p, "answer": a} for p, a in zip(["12+34="] * 2 + ["7+8="] * 2, ["46"] * 2 + ["15"] * 2)]
-    rollouts = []
-    for trainer in (ours, stock):
-        torch.manual_seed(0)
-        rollouts.append(trainer._generate_and_score_completions(inputs))
-    assert torch.equal(rollouts[0]["completion_ids"], rollouts[1]["completion_ids"])
-    torch.testing.assert_close(rollouts[0]["advantages"], rollouts[1]["advantages"], rtol=0, atol=1e-6)
+    assert_same_rollout_advantages(ours, stock)
 
     batch, logps = fixed_batch(ours)
     if num_iterations == 1:
