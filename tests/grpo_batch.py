@@ -55,6 +55,14 @@ def assert_same_rollout_advantages(ours, stock):
     torch.testing.assert_close(rollouts[0]["advantages"], rollouts[1]["advantages"], rtol=0, atol=1e-6)
 
 
+def loss_and_gradient(trainer, batch):
+    """``trainer._compute_loss`` on a copy of ``batch`` and the flattened gradient it gives the policy."""
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+
+
 def fixed_batch(trainer, seed=0, rows=B):
     """A fixed rollout of ``rows`` completions (toy prompts, right-padded completions ending in eos), with
     old/ref log-probs at seeded offsets from the current policy's, so the importance ratio is not 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 import trl
 
-from grpo_batch import assert_same_rollout_advantages, B, G, fixed_batch, make_config, make_trainer
+from grpo_batch import B, G, assert_same_rollout_advantages, fixed_batch, loss_and_gradient, make_config, make_trainer
 from trl_kl import GRPOConfig, GRPOTrainer, kl
 from trl_kl.toy import correctness_reward, make_dataset
 
@@ -119,13 +119,7 @@ def test_k3_loss_with_bias_correction_equals_stock_trl(toy_path, tmp_path, loss_
     stock = make_trainer(toy_path, make_config(tmp_path, cls=trl.GRPOConfig, **common), cls=trl.GRPOTrainer)
     stock.model.load_state_dict(ours.model.state_dict())
     batch, _ = fixed_batch(ours)
-    losses, grads = [], []
-    for trainer in (ours, stock):
-        trainer.model.zero_grad()
-        loss = trainer._compute_loss(trainer.model, dict(batch))
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+    losses, grads = zip(*(loss_and_gradient(trainer, batch) for trainer in (ours, stock)))
     # float32, summed in another order: equal to rounding
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

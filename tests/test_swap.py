@@ -11,7 +11,7 @@ import pytest
 import torch
 import trl
 
-from grpo_batch import assert_same_rollout_advantages, fixed_batch, make_config, make_trainer
+from grpo_batch import assert_same_rollout_advantages, fixed_batch, loss_and_gradient, make_config, make_trainer
 from trl_kl import GRPOConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,13 +92,7 @@ def test_the_line_gives_stock_trl_loss_and_gradient(toy_path, tmp_path, num_iter
     batch, logps = fixed_batch(ours)
     if num_iterations == 1:
         batch.pop("old_per_token_logps")  # on-policy: TRL keeps no old log-probs
-    losses, grads = [], []
-    for trainer in (ours, stock):
-        trainer.model.zero_grad()
-        loss = trainer._compute_loss(trainer.model, dict(batch))
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+    losses, grads = zip(*(loss_and_gradient(trainer, batch) for trainer in (ours, stock)))
     assert losses[0] != 0 and grads[0].abs().max() > 0
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
