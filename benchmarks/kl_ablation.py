@@ -56,10 +56,11 @@ class Variant:
     label: str
     verdict: str  # the paper's / kl.SOUNDNESS's verdict, with docs/theory.md#sequence-kl's refinement
     overrides: dict = field(default_factory=dict, hash=False, compare=False)
+    trainer: str = "trl_kl"  # "trl_kl", "trl" (stock trl.GRPOTrainer) or "naive" (testbed_ablation's)
 
 
-def _v(key, label, verdict, **overrides):
-    return Variant(key, label, verdict, overrides)
+def _v(key, label, verdict, trainer="trl_kl", **overrides):
+    return Variant(key, label, verdict, overrides, trainer)
 
 
 VARIANTS = [
@@ -89,7 +90,13 @@ VARIANTS = [
     _v("k1-reward-rtg-b0.04", "k1 in reward, return-to-go, the paper's beta 0.04", "sound (exact)",
        kl_estimator="k1", kl_placement="reward", kl_reward_scope="return_to_go", beta=0.04),
 ]
-BY_KEY = {v.key: v for v in VARIANTS}
+EXTRA_VARIANTS = [
+    _v("stock-trl", "stock trl.GRPOTrainer (k3 loss x ratio)", "sound per state", trainer="trl"),
+    _v("naive-current", "k1 in reward per token, penalty from the current policy", "naive off-policy",
+       trainer="naive", kl_estimator="k1", kl_placement="reward", kl_reward_scope="token"),
+]
+"""Run on the testbed only (benchmarks/testbed_ablation.py): stock TRL itself, and the naive off-policy form."""
+BY_KEY = {v.key: v for v in VARIANTS + EXTRA_VARIANTS}
 
 REGIMES = {
     # every rollout feeds exactly one optimizer step: pi_old == pi_theta, importance ratio 1
@@ -98,10 +105,15 @@ REGIMES = {
     "off": dict(num_iterations=2, steps_per_generation=2),
     # on-policy, three times the budget: does the drift go on?
     "long": dict(num_iterations=1, steps_per_generation=1),
+    # the testbed's (benchmarks/testbed_ablation.py): mildly off-policy, 2 updates per rollout
+    "off2": dict(num_iterations=2, steps_per_generation=1),
+    # strongly off-policy: each rollout (4 batches) feeds 4 optimizer steps, 4 times: 16 updates per rollout
+    "off16": dict(num_iterations=4, steps_per_generation=4),
 }
-REGIME_STEPS = {"on": 1, "off": 1, "long": 3}
+REGIME_STEPS = {"on": 1, "off": 1, "long": 3, "off2": 1, "off16": 1}
 """Multiplier of ``Budget.steps`` per regime."""
-REGIME_LABELS = {"on": "on-policy", "off": "off-policy", "long": "on-policy, 3x steps"}
+REGIME_LABELS = {"on": "on-policy", "off": "off-policy", "long": "on-policy, 3x steps",
+                 "off2": "off-policy x2", "off16": "off-policy x16"}
 
 MAIN = ["k1-reward-rtg", "k2-loss", "k1-loss", "k2-reward", "trl-default"]
 """Variants also run off-policy (the paper's main algorithm is off-policy GRPO, eq. 39)."""
@@ -123,6 +135,7 @@ class Budget:
     group: int = 6  # the paper's group size
     eval_prompts: int = 256
     eval_samples: int = 4
+    task: str = "toy"  # or "testbed" (benchmarks/testbed_ablation.py)
 
 
 FULL = Budget()
@@ -152,19 +165,42 @@ def _init_worker(threads: int):
     transformers.utils.logging.disable_progress_bar()
 
 
-def _reference():
-    """The frozen reference policy (the warm-started toy) and its tokenizer, loaded once per worker."""
-    if "ref" not in _WORKER:
+@dataclass(frozen=True)
+class Task:
+    """What a benchmark run trains on and how the held-out evaluation scores it: the toy (``TOY``) or the testbed
+    (``benchmarks/testbed_ablation.py``'s ``TESTBED``). Its functions are module-level, so a worker rebuilds the task
+    from its name (``task``)."""
+
+    name: str
+    model_path: object  # () -> folder of the reference policy (trl_kl.toy / trl_kl.testbed, cached)
+    held_out: object  # (tokenizer, n_prompts) -> [(prompt ids (N, L), targets)]
+    score: object  # (completions, targets) -> {metric: sum over the completions}
+    train: object  # seed -> (reward_funcs, train_dataset)
+    max_new_tokens: int
+    metrics: tuple  # the keys of score's dict, the first one the headline reward
+
+
+def task(name: str) -> Task:
+    """The task called ``name`` ("toy" or "testbed")."""
+    if name == "toy":
+        return TOY
+    import testbed_ablation
+
+    return testbed_ablation.TESTBED
+
+
+def _reference(name: str = "toy"):
+    """The frozen reference policy of task ``name`` (the warm-started toy, or the testbed's pi_ref) and its
+    tokenizer, loaded once per worker."""
+    if name not in _WORKER:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from trl_kl import toy
-
-        path = toy.toy_model_path()
+        path = task(name).model_path()
         ref = AutoModelForCausalLM.from_pretrained(path).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
-        _WORKER.update(path=path, ref=ref, tokenizer=AutoTokenizer.from_pretrained(path))
-    return _WORKER["path"], _WORKER["ref"], _WORKER["tokenizer"]
+        _WORKER[name] = (path, ref, AutoTokenizer.from_pretrained(path))
+    return _WORKER[name]
 
 
 def held_out_groups(tokenizer, n_prompts: int):
@@ -181,17 +217,38 @@ def held_out_groups(tokenizer, n_prompts: int):
     return [(torch.tensor([ids for ids, _ in rows]), [a for _, a in rows]) for _, rows in sorted(buckets.items())]
 
 
-def evaluate_policy(model, ref, tokenizer, groups, samples: int, max_new_tokens: int, seed: int) -> dict:
-    """Sample ``samples`` completions per held-out prompt from ``model`` at temperature 1, token by token, and
-    measure reward, sequence KL to ``ref`` (exact per-state KL summed along the path; and the plain Monte Carlo
-    log-ratio sum) and sequence entropy. Deterministic for a given ``seed`` (common random numbers across runs)."""
-    import torch
-
+def toy_score(completions: list[str], targets: list[str]) -> dict[str, float]:
+    """The toy's held-out scores, summed: ``reward`` (correctness + closeness, the training reward), ``correct``."""
     from trl_kl import toy
+
+    correct = toy.correctness_reward(completions, targets)
+    return {"reward": sum(correct) + sum(toy.closeness_reward(completions, targets)), "correct": sum(correct)}
+
+
+def toy_train(seed: int):
+    """The toy's training reward functions and 2000 training problems drawn with ``seed``."""
+    from trl_kl import toy
+
+    return [toy.correctness_reward, toy.closeness_reward], toy.make_dataset(2000, seed=seed, split="train")
+
+
+def _toy_model_path() -> str:
+    from trl_kl import toy
+
+    return toy.toy_model_path()
+
+
+def evaluate_policy(model, ref, tokenizer, groups, samples: int, max_new_tokens: int, seed: int,
+                    score=toy_score) -> dict:
+    """Sample ``samples`` completions per held-out prompt from ``model`` at temperature 1, token by token (with the
+    KV cache), and measure ``score``'s metrics (the toy's by default), sequence KL to ``ref`` (exact per-state KL
+    summed along the path; and the plain Monte Carlo log-ratio sum) and sequence entropy. Deterministic for a given
+    ``seed`` (common random numbers across runs)."""
+    import torch
 
     eos = tokenizer.eos_token_id
     generator = torch.Generator().manual_seed(seed)
-    totals = dict(reward=0.0, correct=0.0, true_kl=0.0, mc_kl=0.0, entropy=0.0, length=0.0)
+    totals = dict(true_kl=0.0, mc_kl=0.0, entropy=0.0, length=0.0)
     n = 0
     training = model.training
     model.eval()
@@ -204,9 +261,14 @@ def evaluate_policy(model, ref, tokenizer, groups, samples: int, max_new_tokens:
             seq_h = torch.zeros_like(seq_kl)
             length = torch.zeros_like(seq_kl)
             generated = []
+            cache = {"model": None, "ref": None}
+            step_input = x
             for _ in range(max_new_tokens):
-                logp = torch.log_softmax(model(input_ids=x).logits[:, -1].double(), -1)
-                logq = torch.log_softmax(ref(input_ids=x).logits[:, -1].double(), -1)
+                logits = {}
+                for name, net in (("model", model), ("ref", ref)):
+                    out = net(input_ids=step_input, cache=cache[name], use_cache=True)
+                    cache[name], logits[name] = out.cache, out.logits[:, -1].double()
+                logp, logq = torch.log_softmax(logits["model"], -1), torch.log_softmax(logits["ref"], -1)
                 p = logp.exp()
                 token = torch.multinomial(p.float(), 1, generator=generator).squeeze(-1)
                 a = alive.double()
@@ -217,15 +279,13 @@ def evaluate_policy(model, ref, tokenizer, groups, samples: int, max_new_tokens:
                 token = torch.where(alive, token, torch.full_like(token, eos))
                 generated.append(token)
                 alive = alive & (token != eos)
-                x = torch.cat([x, token[:, None]], dim=1)
+                step_input = token[:, None]
                 if not alive.any():
                     break
             completions = tokenizer.batch_decode(torch.stack(generated, 1), skip_special_tokens=True)
             targets = [a for a in answers for _ in range(samples)]
-            correct = toy.correctness_reward(completions, targets)
-            close = toy.closeness_reward(completions, targets)
-            totals["reward"] += sum(correct) + sum(close)
-            totals["correct"] += sum(correct)
+            for name, value in score(completions, targets).items():
+                totals[name] = totals.get(name, 0.0) + value
             totals["true_kl"] += seq_kl.sum().item()
             totals["mc_kl"] += seq_mc.sum().item()
             totals["entropy"] += seq_h.sum().item()
@@ -233,6 +293,9 @@ def evaluate_policy(model, ref, tokenizer, groups, samples: int, max_new_tokens:
             n += x.size(0)
     model.train(training)
     return {k: v / n for k, v in totals.items()}
+
+
+TOY = Task("toy", _toy_model_path, held_out_groups, toy_score, toy_train, 4, ("reward", "correct"))
 
 
 def exact_sequence_kl(model, ref, prompt, max_new_tokens: int, eos: int) -> tuple[float, float]:
@@ -282,9 +345,14 @@ def toy_run_settings(**settings) -> dict:
 
 
 def config_for(key: str, regime: str, seed: int, budget: Budget, output_dir: str):
-    from trl_kl import GRPOConfig
+    """The run's GRPOConfig: trl_kl's, or stock TRL's for a ``trainer="trl"`` variant."""
+    import trl
 
+    import trl_kl
+
+    config_cls = trl.GRPOConfig if BY_KEY[key].trainer == "trl" else trl_kl.GRPOConfig
     settings = toy_run_settings(
+        max_completion_length=task(budget.task).max_new_tokens,
         output_dir=output_dir,
         max_steps=budget.steps * REGIME_STEPS[regime],
         seed=seed,
@@ -295,7 +363,20 @@ def config_for(key: str, regime: str, seed: int, budget: Budget, output_dir: str
     )
     settings.update(REGIMES[regime])
     settings.update(BY_KEY[key].overrides)
-    return GRPOConfig(**settings)
+    return config_cls(**settings)
+
+
+def trainer_class(variant: Variant):
+    """trl_kl.GRPOTrainer, stock trl.GRPOTrainer, or the testbed's naive off-policy subclass."""
+    import trl
+
+    import trl_kl
+
+    if variant.trainer == "naive":
+        import testbed_ablation
+
+        return testbed_ablation.NaiveCurrentPolicyGRPOTrainer
+    return trl.GRPOTrainer if variant.trainer == "trl" else trl_kl.GRPOTrainer
 
 
 def _compact(value, digits: int = 4):
@@ -316,19 +397,19 @@ def train_summary(train_log: dict[str, list]) -> dict:
     }
 
 
-def toy_trainer(trainer_cls, args, callback):
-    """A GRPO trainer (``trl_kl``'s or stock TRL's) on the warm-started toy with the training reward (correctness +
-    closeness) and 2000 training problems drawn with ``args.seed``; ``callback`` records, nothing prints."""
+def toy_trainer(trainer_cls, args, callback, task_name: str = "toy"):
+    """A GRPO trainer (``trl_kl``'s or stock TRL's) on the task's reference policy with its training rewards and
+    prompts drawn with ``args.seed`` (the toy: correctness + closeness, 2000 training problems); ``callback``
+    records, nothing prints."""
     from transformers import PrinterCallback, ProgressCallback
 
-    from trl_kl import toy
-
-    path, _, tokenizer = _reference()
+    path, _, tokenizer = _reference(task_name)
+    reward_funcs, dataset = task(task_name).train(args.seed)
     trainer = trainer_cls(
         model=path,
-        reward_funcs=[toy.correctness_reward, toy.closeness_reward],
+        reward_funcs=reward_funcs,
         args=args,
-        train_dataset=toy.make_dataset(2000, seed=args.seed, split="train"),
+        train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[callback],
     )
@@ -341,15 +422,15 @@ def run_one(key: str, regime: str, seed: int, budget: Budget, workdir: str) -> d
     """Train one variant and return its curves."""
     from transformers import TrainerCallback
 
-    from trl_kl import GRPOTrainer
-
-    _, ref, tokenizer = _reference()
-    groups = held_out_groups(tokenizer, budget.eval_prompts)
-    curves: dict[str, list] = {"step": [], "reward": [], "correct": [], "true_kl": [], "mc_kl": [], "entropy": [], "length": []}
+    run_task = task(budget.task)
+    _, ref, tokenizer = _reference(budget.task)
+    groups = run_task.held_out(tokenizer, budget.eval_prompts)
+    curves: dict[str, list] = {name: [] for name in ("step", *run_task.metrics, "true_kl", "mc_kl", "entropy", "length")}
     train_log: dict[str, list] = {"step": [], "reward": [], "is/ess": [], "is/clip_frac": [], "kl/seq_kl": []}
 
     def evaluate(model, step):
-        stats = evaluate_policy(model, ref, tokenizer, groups, budget.eval_samples, 4, seed=10_000 * seed + step)
+        stats = evaluate_policy(model, ref, tokenizer, groups, budget.eval_samples, run_task.max_new_tokens,
+                                seed=10_000 * seed + step, score=run_task.score)
         curves["step"].append(step)
         for name in curves:
             if name != "step":
@@ -373,7 +454,7 @@ def run_one(key: str, regime: str, seed: int, budget: Budget, workdir: str) -> d
     steps = args.max_steps
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = toy_trainer(GRPOTrainer, args, Recorder())
+        trainer = toy_trainer(trainer_class(BY_KEY[key]), args, Recorder(), budget.task)
         evaluate(trainer.model, 0)
         trainer.train()
     result = {"key": key, "regime": regime, "seed": seed, "curves": curves, **train_summary(train_log),
@@ -386,8 +467,9 @@ def _run_job(job):
     key, regime, seed, budget, workdir = job
     result = run_one(key, regime, seed, budget, workdir)
     c = result["curves"]
+    headline = task(budget.task).metrics[0]
     print(
-        f"  {key:16s} {regime:3s} seed {seed}: reward {c['reward'][0]:.3f} -> {c['reward'][-1]:.3f}, "
+        f"  {key:16s} {regime:3s} seed {seed}: {headline} {c[headline][0]:.3f} -> {c[headline][-1]:.3f}, "
         f"true KL {c['true_kl'][-1]:.3f}, entropy {c['entropy'][-1]:.3f}, ESS {result['ess_mean'] or float('nan'):.3f} "
         f"({result['seconds']:.0f} s)",
         flush=True,
@@ -424,7 +506,7 @@ def _mean_std(values: list[float | None]) -> tuple[float, float]:
     return mean, std
 
 
-def summarize(results: list[dict]) -> dict[tuple[str, str], dict]:
+def summarize(results: list[dict], metrics: tuple = METRICS) -> dict[tuple[str, str], dict]:
     """Per (variant, regime): mean and std over seeds of the final value of each metric (the last
     ``final_window`` evaluations averaged, to damp the held-out sampling noise), and of the mean ESS."""
     out: dict[tuple[str, str], dict] = {}
@@ -432,7 +514,7 @@ def summarize(results: list[dict]) -> dict[tuple[str, str], dict]:
         out.setdefault((r["key"], r["regime"]), {"runs": []})["runs"].append(r)
     for entry in out.values():
         runs = entry["runs"]
-        for metric in METRICS:
+        for metric in metrics:
             entry[metric] = _mean_std([_final(r["curves"][metric]) for r in runs])
             entry[metric + "_start"] = _mean_std([r["curves"][metric][0] for r in runs])
         entry["ess"] = _mean_std([r["ess_mean"] for r in runs])

@@ -74,9 +74,11 @@ ARMS = [
     Arm("trl_kl-off2", "trl_kl, off-policy, 2 updates/generation", False, 2),
     Arm("trl_kl-off4", "trl_kl, off-policy, 4 updates/generation", False, 4),
     Arm("stock-off4", "stock TRL, 4 updates/generation (k3 loss)", True, 4),
+    Arm("trl_kl-off8", "trl_kl, off-policy, 8 updates/generation", False, 8),
 ]
 BY_KEY = {a.key: a for a in ARMS}
 BASELINE = "stock-on"
+TOY_ARMS = [a.key for a in ARMS if a.key != "trl_kl-off8"]
 QUICK_ARMS = ["stock-on", "trl_kl-off2", "trl_kl-off4"]
 
 
@@ -90,10 +92,15 @@ class Budget:
     group: int = 6  # completions per prompt (the paper's group size)
     eval_prompts: int = 512
     eval_samples: int = 4
+    task: str = "toy"  # or "testbed" (trl_kl.testbed, through benchmarks/testbed_ablation.py)
+    target: str = "reward"  # the held-out metric the arms race to (the testbed: "gold")
 
 
 FULL = Budget()
 QUICK_BUDGET = Budget(calls=8, eval_every=4, eval_prompts=128, eval_samples=2)
+TESTBED = Budget(calls=40, eval_every=4, beta=0.1, learning_rate=3e-4, eval_prompts=64, eval_samples=2,
+                 task="testbed", target="gold")
+"""The testbed (``--testbed``): 40 calls, before stock on-policy's gold score turns down (docs/kl_ablation.md)."""
 
 
 def config_for(arm: Arm, seed: int, budget: Budget, output_dir: str):
@@ -104,6 +111,7 @@ def config_for(arm: Arm, seed: int, budget: Budget, output_dir: str):
 
     config_cls = trl.GRPOConfig if arm.stock else trl_kl.GRPOConfig
     return config_cls(**kl_ablation.toy_run_settings(
+        max_completion_length=kl_ablation.task(budget.task).max_new_tokens,
         output_dir=output_dir,
         max_steps=budget.calls * arm.num_iterations,
         num_iterations=arm.num_iterations,
@@ -124,9 +132,11 @@ def run_one(key: str, seed: int, budget: Budget, workdir: str) -> dict:
     import trl_kl
 
     arm = BY_KEY[key]
-    _, ref, tokenizer = kl_ablation._reference()
-    groups = kl_ablation.held_out_groups(tokenizer, budget.eval_prompts)
-    curve: dict[str, list] = {"calls": [], "steps": [], "seconds": [], "reward": [], "correct": [], "true_kl": []}
+    task = kl_ablation.task(budget.task)
+    _, ref, tokenizer = kl_ablation._reference(budget.task)
+    groups = task.held_out(tokenizer, budget.eval_prompts)
+    metrics = dict.fromkeys(("reward", *task.metrics, "true_kl"))  # "reward": the target metric
+    curve: dict[str, list] = {name: [] for name in ("calls", "steps", "seconds", *metrics)}
     clock = {"train": 0.0, "since": 0.0, "generate": 0.0}
     calls = {"n": 0}
     ess: list[float] = []
@@ -134,11 +144,12 @@ def run_one(key: str, seed: int, budget: Budget, workdir: str) -> dict:
     def evaluate(model, step: int):
         n = calls["n"]
         # common random numbers: every arm samples its evaluation with the same seed at the same call count
-        stats = kl_ablation.evaluate_policy(model, ref, tokenizer, groups, budget.eval_samples, 4,
-                                            seed=10_000 * seed + n)
+        stats = kl_ablation.evaluate_policy(model, ref, tokenizer, groups, budget.eval_samples, task.max_new_tokens,
+                                            seed=10_000 * seed + n, score=task.score)
+        stats["reward"] = stats[budget.target]
         for name, value in (("calls", n), ("steps", step), ("seconds", round(clock["train"], 3))):
             curve[name].append(value)
-        for name in ("reward", "correct", "true_kl"):
+        for name in metrics:
             curve[name].append(kl_ablation._compact(stats[name], 5))
 
     class Recorder(TrainerCallback):
@@ -160,7 +171,7 @@ def run_one(key: str, seed: int, budget: Budget, workdir: str) -> dict:
     start = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = kl_ablation.toy_trainer(trainer_cls, args, Recorder())
+        trainer = kl_ablation.toy_trainer(trainer_cls, args, Recorder(), budget.task)
         generate = trainer._generate_and_score_completions
 
         def counted(*a, **kw):
@@ -385,7 +396,7 @@ def table(summary: dict, budget: Budget) -> str:
     return "\n".join(lines + gains)
 
 
-def plot(summary: dict, path: Path) -> Path:
+def plot(summary: dict, path: Path, what: str = "held-out reward", where: str = "the toy task") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -404,18 +415,18 @@ def plot(summary: dict, path: Path) -> Path:
         ax.axhline(summary["target"], color="grey", linewidth=0.8, linestyle=":")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out reward (seed mean)")
+    axes[0].set_ylabel(f"{what} (seed mean)")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Off-policy GRPO sample efficiency on the toy task (dotted: target = stock on-policy's final reward)")
+    fig.suptitle(f"Off-policy GRPO sample efficiency on {where} (dotted: target = stock on-policy's final score)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write_section(md_path: Path, body: str) -> None:
-    """Replace (or append) the text between this benchmark's markers in ``md_path``."""
-    start, end = f"<!-- {MARKER}:start -->", f"<!-- {MARKER}:end -->"
+def write_section(md_path: Path, body: str, marker: str = MARKER) -> None:
+    """Replace (or append) the text between ``marker``'s markers in ``md_path``."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     block = f"{start}\n{body}\n{end}"
     text = md_path.read_text() if md_path.exists() else "# Performance\n"
     if start in text and end in text:
@@ -426,6 +437,8 @@ def write_section(md_path: Path, body: str) -> None:
 
 
 def section(summary: dict, budget: Budget, meta: dict, png_name: str) -> str:
+    if budget.task == "testbed":
+        return testbed_section(summary, budget, meta, png_name)
     arms = summary["arms"]
     best = max((k for k in arms if k != BASELINE and arms[k]["call_ratio"]), key=lambda k: arms[k]["call_ratio"],
                default=None)
@@ -451,6 +464,40 @@ def section(summary: dict, budget: Budget, meta: dict, png_name: str) -> str:
     )
 
 
+def testbed_section(summary: dict, budget: Budget, meta: dict, png_name: str) -> str:
+    """The testbed's section: the same table with the gold score as the target metric, and the rollout share."""
+    arms = summary["arms"]
+    rows = table(summary, budget)
+    for old, new in (("held-out reward", "held-out gold score"), ("reward at", "gold at"),
+                     ("reward gain", "gold gain"), ("Rewards are", "Gold scores are")):
+        rows = rows.replace(old, new)
+    best = max((k for k in arms if k != BASELINE and arms[k]["call_ratio"]), key=lambda k: arms[k]["call_ratio"],
+               default=None)
+    fastest = max((k for k in arms if k != BASELINE and arms[k]["seconds_ratio"]),
+                  key=lambda k: arms[k]["seconds_ratio"], default=None)
+    headline = "" if best is None else (
+        f"**Result.** Fewest generation calls to stock on-policy's final gold score: {BY_KEY[best].label}, "
+        f"{arms[best]['calls_to_target']:.1f} calls instead of {arms[BASELINE]['calls_to_target']:.1f} "
+        f"({arms[best]['call_ratio']:.2f}x fewer; target >= 2x); least training time: "
+        f"{BY_KEY[fastest].label if fastest else '-'}, time ratio "
+        f"{_f(arms[fastest]['seconds_ratio'] if fastest else None, 2, '-')} (target >= 1.3x). Stock on-policy spends "
+        f"{summary['baseline_rollout_share']:.0%} of its training time in rollouts.\n\n")
+    return (
+        "## Off-policy GRPO on the testbed: gold score per generation call "
+        "(`benchmarks/offpolicy_efficiency.py --testbed`)\n\n"
+        f"Command: `{meta['command']}` ({meta['seconds']:.0f} s, {meta['workers']} worker processes of one torch "
+        f"thread each; {meta['machine']}).\n\n"
+        f"Setup: the testbed (`trl_kl.testbed`, docs/kl_ablation.md#testbed): 48-token completions, proxy reward "
+        f"(keyword share) for training, target = the held-out *gold* score; {budget.calls} generation calls per arm "
+        f"({budget.prompts} prompts x group {budget.group} = {budget.prompts * budget.group} completions each), beta "
+        f"{budget.beta}, learning rate {budget.learning_rate} constant, loss_type dapo; held-out evaluation on "
+        f"{budget.eval_prompts} prompts x {budget.eval_samples} samples at T=1 every {budget.eval_every} calls. "
+        f"Seeds: {', '.join(str(s) for s in meta['seeds'])}.\n\n"
+        f"{headline}{rows}\n\n"
+        f"![held-out gold score vs generation calls and wall time]({png_name})\n"
+    )
+
+
 def machine() -> str:
     import platform
 
@@ -471,23 +518,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=None, help="folder for the JSON and PNG (default docs; quick: outputs/...)")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--testbed", action="store_true",
+                        help="on trl_kl.testbed (48-token completions, target: gold score): docs/performance.md's "
+                             "testbed section")
     args = parser.parse_args(argv)
 
-    budget = QUICK_BUDGET if args.quick else FULL
+    budget = TESTBED if args.testbed else QUICK_BUDGET if args.quick else FULL
+    if args.testbed and args.quick:
+        budget = Budget(**{**TESTBED.__dict__, "calls": 8, "eval_every": 4})
+    stem = "offpolicy_efficiency_testbed" if args.testbed else "offpolicy_efficiency"
     budget = Budget(**{**budget.__dict__, **{k: v for k, v in dict(
         calls=args.calls, eval_every=args.eval_every, beta=args.beta, learning_rate=args.lr).items() if v is not None}})
     if budget.calls % budget.eval_every:
         parser.error("--calls must be a multiple of --eval-every")
     out = Path(args.out or ("outputs/offpolicy_efficiency_quick" if args.quick else ROOT / "docs"))
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "offpolicy_efficiency.json"
+    json_path = out / f"{stem}.json"
     command = kl_ablation.command_line("offpolicy_efficiency.py", argv)
 
     if args.plot_only:
         saved = json.loads(json_path.read_text())
         results, budget, meta = saved["results"], Budget(**saved["budget"]), saved["meta"]
     else:
-        keys = args.arms or (QUICK_ARMS if args.quick else [a.key for a in ARMS])
+        keys = args.arms or (QUICK_ARMS if args.quick else [a.key for a in ARMS] if args.testbed else TOY_ARMS)
         if BASELINE not in keys:
             parser.error(f"--arms must include the baseline {BASELINE}")
         seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2, 3, 4])
@@ -505,11 +558,11 @@ def main(argv: list[str] | None = None) -> dict:
         json_path.write_text(json.dumps({"budget": budget.__dict__, "meta": meta, "results": results}))
 
     summary = summarize(results)
-    png = plot(summary, out / "offpolicy_efficiency.png")
+    png = plot(summary, out / f"{stem}.png", *(("held-out gold score", "the testbed") if args.testbed else ()))
     body = section(summary, budget, meta, png.name)
     print(body)
     if not args.quick:
-        write_section(out / "performance.md", body)
+        write_section(out / "performance.md", body, stem)
     print("wrote", json_path, png, *([] if args.quick else [out / "performance.md"]))
     return {"summary": summary, "results": results, "budget": budget}
 

@@ -44,7 +44,12 @@ CACHE_NAME = "toy-v1"
 
 
 def build_tokenizer() -> Qwen2Tokenizer:
-    """Character-level tokenizer (digits, ``+``, ``=``, space): pads left, adds no special token.
+    """Character-level tokenizer (digits, ``+``, ``=``, space): pads left, adds no special token."""
+    return char_tokenizer(VOCABULARY, model_max_length=32)
+
+
+def char_tokenizer(vocabulary: tuple[str, ...], model_max_length: int) -> Qwen2Tokenizer:
+    """One token per entry of ``vocabulary`` (``<pad>``, ``<eos>``, ``<bos>`` first): pads left, adds no special token.
 
     It is a ``Qwen2Tokenizer`` (a ``PreTrainedTokenizerFast``: byte-level BPE without merges, so one
     token per character; other characters are dropped) because that is the class
@@ -52,7 +57,7 @@ def build_tokenizer() -> Qwen2Tokenizer:
     one, it encodes the same before saving and after reloading.
     """
     return Qwen2Tokenizer(
-        vocab={token: i for i, token in enumerate(VOCABULARY)},
+        vocab={token: i for i, token in enumerate(vocabulary)},
         merges=[],
         unk_token=None,
         pad_token="<pad>",
@@ -60,7 +65,7 @@ def build_tokenizer() -> Qwen2Tokenizer:
         bos_token="<bos>",
         padding_side="left",
         clean_up_tokenization_spaces=False,
-        model_max_length=32,
+        model_max_length=model_max_length,
     )
 
 
@@ -246,11 +251,11 @@ def build_toy(seed: int = 0, sft_steps: int = DEFAULT_SFT_STEPS) -> tuple[Qwen2F
     return model, tokenizer
 
 
-def _save_toy(path: Path) -> None:
-    """Build the default toy policy into a temporary sibling of ``path`` and rename it into place."""
+def _save_built(path: Path, build) -> None:
+    """Save ``build()``'s (model, tokenizer) into a temporary sibling of ``path`` and rename it into place."""
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        model, tokenizer = build_toy()
+        model, tokenizer = build()
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         staging.rename(path)
@@ -261,23 +266,28 @@ def _save_toy(path: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def toy_model_path(cache_dir: str | os.PathLike | None = None) -> str:
-    """Folder of the default ``build_toy()`` model and tokenizer, saved there on first use.
+def cached_model_path(name: str, build, cache_dir: str | os.PathLike | None = None) -> str:
+    """Folder ``<cache_dir>/<name>`` holding ``build()``'s (model, tokenizer), saved there on first use.
 
-    The folder is ``<cache_dir>/toy-v1``, ``cache_dir`` defaulting to ``$TRL_KL_CACHE`` or
-    ``~/.cache/trl_kl``. Concurrent callers (torchrun ranks) wait on a file lock while one of them
-    builds, and the folder is renamed into place only once complete, so it is never seen half-written;
-    should two builds still race (no working lock), the first rename wins and the other copy is dropped.
-    """
+    ``cache_dir`` defaults to ``$TRL_KL_CACHE`` or ``~/.cache/trl_kl``. Concurrent callers (torchrun ranks) wait on
+    a file lock while one of them builds, and the folder is renamed into place only once complete, so it is never
+    seen half-written; should two builds still race (no working lock), the first rename wins and the other copy is
+    dropped."""
     root = Path(cache_dir or os.environ.get("TRL_KL_CACHE", "~/.cache/trl_kl")).expanduser()
-    path = root / CACHE_NAME
+    path = root / name
     if not path.is_dir():
         root.mkdir(parents=True, exist_ok=True)
-        with open(root / f".{CACHE_NAME}.lock", "w") as lock:
+        with open(root / f".{name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.is_dir():
-                _save_toy(path)
+                _save_built(path, build)
     return str(path)
+
+
+def toy_model_path(cache_dir: str | os.PathLike | None = None) -> str:
+    """Folder of the default ``build_toy()`` model and tokenizer, ``<cache_dir>/toy-v1``, saved there on first use
+    (``cached_model_path``: file lock, atomic rename)."""
+    return cached_model_path(CACHE_NAME, build_toy, cache_dir)
 
 
 def resolve_model_name(name: str) -> str:
