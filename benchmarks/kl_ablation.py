@@ -109,11 +109,13 @@ REGIMES = {
     "off2": dict(num_iterations=2, steps_per_generation=1),
     # strongly off-policy: each rollout (4 batches) feeds 4 optimizer steps, 4 times: 16 updates per rollout
     "off16": dict(num_iterations=4, steps_per_generation=4),
+    # the same for three times the optimizer steps: as many generations as off16 at 3/16 of on-policy's
+    "off16long": dict(num_iterations=4, steps_per_generation=4),
 }
-REGIME_STEPS = {"on": 1, "off": 1, "long": 3, "off2": 1, "off16": 1}
+REGIME_STEPS = {"on": 1, "off": 1, "long": 3, "off2": 1, "off16": 1, "off16long": 3}
 """Multiplier of ``Budget.steps`` per regime."""
 REGIME_LABELS = {"on": "on-policy", "off": "off-policy", "long": "on-policy, 3x steps",
-                 "off2": "off-policy x2", "off16": "off-policy x16"}
+                 "off2": "off-policy x2", "off16": "off-policy x16", "off16long": "off-policy x16, 3x steps"}
 
 MAIN = ["k1-reward-rtg", "k2-loss", "k1-loss", "k2-reward", "trl-default"]
 """Variants also run off-policy (the paper's main algorithm is off-policy GRPO, eq. 39)."""
@@ -135,7 +137,8 @@ class Budget:
     group: int = 6  # the paper's group size
     eval_prompts: int = 256
     eval_samples: int = 4
-    task: str = "toy"  # or "testbed" (benchmarks/testbed_ablation.py)
+    task: str = "toy"  # or "testbed", "testbed-large" (benchmarks/testbed_ablation.py)
+    device: str = "cpu"  # "cuda": the policy, the reference and the evaluation on the GPU
 
 
 FULL = Budget()
@@ -181,22 +184,22 @@ class Task:
 
 
 def task(name: str) -> Task:
-    """The task called ``name`` ("toy" or "testbed")."""
+    """The task called ``name`` ("toy", "testbed" or "testbed-large")."""
     if name == "toy":
         return TOY
     import testbed_ablation
 
-    return testbed_ablation.TESTBED
+    return testbed_ablation.TASKS[name]
 
 
-def _reference(name: str = "toy"):
-    """The frozen reference policy of task ``name`` (the warm-started toy, or the testbed's pi_ref) and its
-    tokenizer, loaded once per worker."""
+def _reference(name: str = "toy", device: str = "cpu"):
+    """The frozen reference policy of task ``name`` (the warm-started toy, or the testbed's pi_ref) on ``device``
+    and its tokenizer, loaded once per worker."""
     if name not in _WORKER:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = task(name).model_path()
-        ref = AutoModelForCausalLM.from_pretrained(path).eval()
+        ref = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
         _WORKER[name] = (path, ref, AutoTokenizer.from_pretrained(path))
@@ -254,7 +257,7 @@ def evaluate_policy(model, ref, tokenizer, groups, samples: int, max_new_tokens:
     model.eval()
     with torch.no_grad():
         for prompts, answers in groups:
-            x = prompts.repeat_interleave(samples, dim=0)
+            x = prompts.repeat_interleave(samples, dim=0).to(model.device)
             alive = torch.ones(x.size(0), dtype=torch.bool)
             seq_kl = torch.zeros(x.size(0), dtype=torch.float64)
             seq_mc = torch.zeros_like(seq_kl)
@@ -263,12 +266,13 @@ def evaluate_policy(model, ref, tokenizer, groups, samples: int, max_new_tokens:
             generated = []
             cache = {"model": None, "ref": None}
             step_input = x
-            for _ in range(max_new_tokens):
+            for _ in range(max_new_tokens):  # sampled on the CPU (its generator), the forwards on the model's device
                 logits = {}
                 for name, net in (("model", model), ("ref", ref)):
                     out = net(input_ids=step_input, cache=cache[name], use_cache=True)
                     cache[name], logits[name] = out.cache, out.logits[:, -1].double()
-                logp, logq = torch.log_softmax(logits["model"], -1), torch.log_softmax(logits["ref"], -1)
+                logp = torch.log_softmax(logits["model"], -1).cpu()
+                logq = torch.log_softmax(logits["ref"], -1).cpu()
                 p = logp.exp()
                 token = torch.multinomial(p.float(), 1, generator=generator).squeeze(-1)
                 a = alive.double()
@@ -279,7 +283,7 @@ def evaluate_policy(model, ref, tokenizer, groups, samples: int, max_new_tokens:
                 token = torch.where(alive, token, torch.full_like(token, eos))
                 generated.append(token)
                 alive = alive & (token != eos)
-                step_input = token[:, None]
+                step_input = token[:, None].to(model.device)
                 if not alive.any():
                     break
             completions = tokenizer.batch_decode(torch.stack(generated, 1), skip_special_tokens=True)
@@ -360,6 +364,7 @@ def config_for(key: str, regime: str, seed: int, budget: Budget, output_dir: str
         per_device_train_batch_size=budget.batch,
         num_generations=budget.group,
         beta=budget.beta,
+        use_cpu=budget.device == "cpu",
     )
     settings.update(REGIMES[regime])
     settings.update(BY_KEY[key].overrides)
@@ -423,7 +428,7 @@ def run_one(key: str, regime: str, seed: int, budget: Budget, workdir: str) -> d
     from transformers import TrainerCallback
 
     run_task = task(budget.task)
-    _, ref, tokenizer = _reference(budget.task)
+    _, ref, tokenizer = _reference(budget.task, budget.device)
     groups = run_task.held_out(tokenizer, budget.eval_prompts)
     curves: dict[str, list] = {name: [] for name in ("step", *run_task.metrics, "true_kl", "mc_kl", "entropy", "length")}
     train_log: dict[str, list] = {"step": [], "reward": [], "is/ess": [], "is/clip_frac": [], "kl/seq_kl": []}

@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -54,22 +55,30 @@ def held_out(tokenizer, n_prompts: int):
     return [(torch.tensor(tokenizer(prompts, add_special_tokens=False).input_ids), prompts)]
 
 
-def score(completions: list[str], prompts: list[str]) -> dict[str, float]:
+def score(completions: list[str], prompts: list[str], size: str = "small") -> dict[str, float]:
     """Held-out sums: ``proxy`` (the training reward), ``gold``, ``invalid`` (forbidden transitions per token)."""
+    lengths = [testbed.SIZES[size].completion_length] * len(completions)
     return {
-        "proxy": sum(testbed.proxy_reward(prompts, completions)),
-        "gold": sum(testbed.gold_score(prompts, completions)),
-        "invalid": sum(testbed.invalid_rate(prompts, completions)),
+        "proxy": sum(testbed.proxy_reward(prompts, completions, lengths)),
+        "gold": sum(testbed.gold_score(prompts, completions, lengths)),
+        "invalid": sum(testbed.invalid_rate(prompts, completions, lengths)),
     }
 
 
-def train(seed: int):
+def train(seed: int, size: str = "small"):
     """The proxy reward and 4096 training prompts drawn with ``seed``."""
-    return [testbed.proxy_reward], testbed.make_dataset(4096, seed=seed)
+    return [testbed.proxy_reward], testbed.make_dataset(4096, seed, testbed.SIZES[size].completion_length)
 
 
-TESTBED = kl_ablation.Task("testbed", testbed.testbed_model_path, held_out, score, train, testbed.COMPLETION_LENGTH,
-                           ("proxy", "gold", "invalid"))
+def _task(name: str, size: str) -> kl_ablation.Task:
+    return kl_ablation.Task(name, partial(testbed.testbed_model_path, size=size), held_out, partial(score, size=size),
+                            partial(train, size=size), testbed.SIZES[size].completion_length,
+                            ("proxy", "gold", "invalid"))
+
+
+TESTBED = _task("testbed", "small")
+TASKS = {"testbed": TESTBED, "testbed-large": _task("testbed-large", "large")}
+"""``--size large`` (a GPU run): pi_ref of ~100M parameters, 256-token completions."""
 
 
 class NaiveCurrentPolicyGRPOTrainer(GRPOTrainer):
@@ -94,7 +103,9 @@ ON_POLICY = [v.key for v in kl_ablation.VARIANTS if v.key != "k1-reward-rtg-b0.0
 OFF_POLICY = ["k1-reward-rtg", "k1-reward-token", "naive-current", "k2-loss", "k3-loss", "k1-loss", "k2-reward",
               "stock-trl"]
 """Also run in both off-policy regimes (``naive-current`` only there: on-policy it is ``k1-reward-token``)."""
-OFF_REGIMES = ["off2", "off16"]
+OFF_REGIMES = ["off2", "off16", "off16long"]
+LONG_OFF = ["k1-reward-rtg", "k1-reward-token", "naive-current", "k2-loss", "stock-trl"]
+"""Strongly off-policy for 3x the steps (``off16long``), far enough from pi_ref for the naive form to differ."""
 QUICK = ["k1-reward-rtg", "k2-loss", "k1-loss", "no-kl"]
 SOUND, UNSOUND = ("k1-reward-rtg", "k2-loss"), ("k1-loss", "no-kl")
 """The quick check: k1 as a loss has an expected gradient of zero (docs/theory.md#placement), like no KL at all."""
@@ -109,9 +120,10 @@ METRICS = ("proxy", "gold", "invalid", "true_kl", "mc_kl", "entropy")
 
 def jobs_for(variants: list[str], regimes: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
     """The grid's runs: each variant in each regime it belongs to (on-policy: ``ON_POLICY``; off: ``OFF_POLICY``)."""
-    regimes_for = {key: [r for r in regimes if (key in ON_POLICY if r == "on" else key in OFF_POLICY)]
-                   for key in variants}
-    return sorted(kl_ablation.grid(variants, regimes_for, seeds), key=lambda job: job[1] == "off16")
+    members = {"on": ON_POLICY, "off2": OFF_POLICY, "off16": OFF_POLICY, "off16long": LONG_OFF}
+    regimes_for = {key: [r for r in regimes if key in members[r]] for key in variants}
+    # longest runs first, so the two workers finish together
+    return sorted(kl_ablation.grid(variants, regimes_for, seeds), key=lambda job: -kl_ablation.REGIME_STEPS[job[1]])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -135,7 +147,7 @@ def table(results: list[dict], budget) -> str:
     lines = [
         f"Start (pi_ref, before RL): proxy {start['proxy_start'][0]:.3f}, gold {start['gold_start'][0]:.3f}, "
         f"forbidden transitions per token {start['invalid_start'][0]:.3f}, sequence entropy "
-        f"{start['entropy_start'][0]:.1f} nats over {testbed.COMPLETION_LENGTH} tokens, true KL 0.",
+        f"{start['entropy_start'][0]:.1f} nats over {kl_ablation.task(budget.task).max_new_tokens} tokens, true KL 0.",
         "",
         "| variant | verdict | regime | proxy | gold | gold peak | forbidden / token | true seq. KL | MC check | "
         "seq. entropy | IS ESS: mean (min) |",
@@ -157,9 +169,9 @@ def table(results: list[dict], budget) -> str:
     lines += [
         "",
         f"Final values: mean of the last two evaluations (steps {budget.steps - budget.eval_every} and "
-        f"{budget.steps}) of each run, then mean ± 95% t-interval half-width over seeds {seeds}. Gold peak: each "
+        f"{budget.steps}; x3 for 3x steps) of each run, then mean ± 95% t-interval half-width over seeds {seeds}. Gold peak: each "
         "run's best evaluation. Held-out set: "
-        f"{budget.eval_prompts} prompts x {budget.eval_samples} samples at T=1, {testbed.COMPLETION_LENGTH} tokens. "
+        f"{budget.eval_prompts} prompts x {budget.eval_samples} samples at T=1, {kl_ablation.task(budget.task).max_new_tokens} tokens. "
         "Off-policy x2: `num_iterations=2`; x16: `num_iterations=4, steps_per_generation=4`, same optimizer steps "
         "(so 1/2 and 1/16 of the generations). IS ESS: the trainer's `is/ess` averaged over a run's steps, and its "
         "minimum over all steps and seeds (stock TRL logs none).",
@@ -178,6 +190,8 @@ FIGURES = {
     "offpolicy": ("Strongly off-policy (16 updates per rollout, solid) vs on-policy (dashed)",
                   [(k, r) for k in ("k1-reward-rtg", "k1-reward-token", "naive-current", "k2-loss", "k3-loss",
                                     "stock-trl") for r in ("on", "off16")]),
+    "offpolicy_long": ("Strongly off-policy for 3x the steps (solid) vs on-policy (dashed)",
+                       [(k, r) for k in LONG_OFF for r in ("on", "off16long")]),
 }
 PANELS = (("proxy", "proxy reward (keyword share)"), ("gold", "gold: grammatical keywords - errors, per token"),
           ("true_kl", "true sequence KL to pi_ref, nats (log)"), ("entropy", "sequence entropy, nats"))
@@ -194,8 +208,6 @@ def plot(results: list[dict], out: Path, budget, names: list[str] | None = None)
         by.setdefault((r["key"], r["regime"]), []).append(r)
     written = []
     for name, (title, series) in FIGURES.items():
-        series = [s for s in series if s in by or (s[0] == "naive-current" and (s[0], "off16") in by)]
-        series = [(k, "on" if k == "naive-current" and r == "on" else r) for k, r in series]
         series = [s for s in series if s in by]
         if (names is not None and name not in names) or not series:
             continue
@@ -205,9 +217,9 @@ def plot(results: list[dict], out: Path, budget, names: list[str] | None = None)
             steps = runs[0]["curves"]["step"]
             for ax, (metric, _) in zip(axes, PANELS, strict=True):
                 values = [[r["curves"][metric][i] for r in runs] for i in range(len(steps))]
-                style = "--" if (name == "offpolicy" and regime == "on") else "-"
+                style = "--" if (name.startswith("offpolicy") and regime == "on") else "-"
                 ax.plot(steps, [sum(v) / len(v) for v in values], style, color=COLORS[key], lw=1.6,
-                        label=key + (f" ({regime})" if name == "offpolicy" else ""))
+                        label=key + (f" ({regime})" if name.startswith("offpolicy") else ""))
                 if len(runs) > 1:
                     ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=COLORS[key],
                                     alpha=0.12, lw=0)
@@ -258,11 +270,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=None, help="default docs (quick: outputs/testbed_ablation_quick)")
     parser.add_argument("--plot-only", action="store_true", help="redraw from <out>/kl_ablation_testbed.json")
+    parser.add_argument("--size", choices=list(testbed.SIZES), default="small",
+                        help="large: a ~100M-parameter pi_ref and 256-token completions (use with --device cuda)")
+    parser.add_argument("--device", default="cpu", help="cuda: train and evaluate on the GPU")
+    parser.add_argument("--add", action="store_true",
+                        help="run only the selected jobs and merge them into <out>/kl_ablation_testbed.json")
     args = parser.parse_args(argv)
 
     budget = QUICK_BUDGET if args.quick else FULL
-    if args.steps:
-        budget = kl_ablation.Budget(**{**budget.__dict__, "steps": args.steps})
+    budget = kl_ablation.Budget(**{**budget.__dict__, "steps": args.steps or budget.steps, "device": args.device,
+                                   "task": "testbed" if args.size == "small" else f"testbed-{args.size}"})
     out = Path(args.out or ("outputs/testbed_ablation_quick" if args.quick else ROOT / "docs"))
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "kl_ablation_testbed.json"
@@ -284,6 +301,11 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
         elapsed = time.time() - start
         print(f"done in {elapsed:.0f} s", flush=True)
+        if args.add:  # replace the same (variant, regime, seed) runs of the saved grid, keep the rest
+            saved = json.loads(json_path.read_text())
+            new = {(r["key"], r["regime"], r["seed"]) for r in results}
+            results = [r for r in saved["results"] if (r["key"], r["regime"], r["seed"]) not in new] + results
+            command, elapsed = f"{saved['command']}; {command}", saved["seconds"] + elapsed
         json_path.write_text(json.dumps({"budget": budget.__dict__, "command": command, "seconds": elapsed,
                                          "results": results}))
     text = table(results, budget)

@@ -63,6 +63,9 @@ def test_proxy_and_gold_by_hand():
     # two keywords in a row are never grammatical: all-keyword text has proxy 1 and gold about -1
     assert testbed.proxy_reward([h], [k * n]) == [1.0]
     assert testbed.gold_score([h], [k * n]) == [(1 - (n - 1)) / n]
+    # the denominator is the fixed completion length, from the dataset column TRL passes (256 for the large size)
+    assert testbed.make_dataset(2, completion_length=256)["completion_length"] == [256, 256]
+    assert testbed.proxy_reward([h], [k], completion_length=[256]) == [1 / 256]
 
 
 def test_reference_policy_matches_the_chain(testbed_path):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
@@ -57,6 +58,28 @@ SFT_BATCH = 64
 SFT_LR = 3e-3
 CACHE_NAME = "testbed-v1"
 """Bump the suffix whenever the language, the tokenizer, the model or the SFT defaults change."""
+
+
+@dataclass(frozen=True)
+class Size:
+    """One size of the testbed: pi_ref's architecture (``Qwen2Config`` fields over the toy's), the completion
+    length and the SFT budget."""
+
+    completion_length: int
+    sft_steps: int
+    sft_batch: int
+    sft_lr: float
+    cache_name: str
+    architecture: dict = field(default_factory=dict, hash=False)
+
+
+SIZES = {
+    "small": Size(COMPLETION_LENGTH, SFT_STEPS, SFT_BATCH, SFT_LR, CACHE_NAME),
+    # ~100M parameters (12 layers, width 768), 256-token completions: for a GPU (docs/performance.md)
+    "large": Size(256, 600, 32, 6e-4, "testbed-large-v1",
+                  dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4)),
+}
 
 
 def transition_matrix(seed: int = LANGUAGE_SEED) -> torch.Tensor:
@@ -108,15 +131,17 @@ def sample_text(n: int, length: int, seed: int, matrix: torch.Tensor | None = No
     return ["".join(LETTERS[i] for i in row) for row in letters]
 
 
-def make_dataset(n: int, seed: int = 0) -> Dataset:
-    """``n`` prompts of ``PROMPT_LENGTH`` letters drawn from the chain: column ``prompt`` (str). Held-out sets use
-    other seeds than training sets."""
-    return Dataset.from_dict({"prompt": sample_text(n, PROMPT_LENGTH, seed=1_000_003 + seed)})
+def make_dataset(n: int, seed: int = 0, completion_length: int = COMPLETION_LENGTH) -> Dataset:
+    """``n`` prompts of ``PROMPT_LENGTH`` letters drawn from the chain: columns ``prompt`` (str) and
+    ``completion_length`` (the rewards' denominator, which TRL passes to them). Held-out sets use other seeds than
+    training sets."""
+    prompts = sample_text(n, PROMPT_LENGTH, seed=1_000_003 + seed)
+    return Dataset.from_dict({"prompt": prompts, "completion_length": [completion_length] * n})
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(completion_length: int = COMPLETION_LENGTH) -> PreTrainedTokenizerFast:
     """One token per letter (``toy.char_tokenizer``), left padding, room for prompt + completion."""
-    return toy.char_tokenizer(VOCABULARY, model_max_length=64)
+    return toy.char_tokenizer(VOCABULARY, model_max_length=max(64, PROMPT_LENGTH + completion_length))
 
 
 def _counts(prompt: str, completion: str, matrix: torch.Tensor) -> tuple[int, int, int]:
@@ -145,39 +170,48 @@ def _matrix() -> torch.Tensor:
     return _MATRIX[0]
 
 
-def proxy_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
-    """TRL reward function, the proxy: keywords in the completion / ``COMPLETION_LENGTH``. Grammar-blind."""
-    return [sum(c in KEYWORDS for c in completion) / COMPLETION_LENGTH for completion in completions]
+def _lengths(completions: list[str], completion_length) -> list[int]:
+    """Each completion's denominator: the dataset's ``completion_length`` column, else ``COMPLETION_LENGTH``."""
+    return list(completion_length) if completion_length is not None else [COMPLETION_LENGTH] * len(completions)
 
 
-def gold_score(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
-    """The gold metric (never a training reward): (keywords the grammar allows - forbidden transitions) /
-    ``COMPLETION_LENGTH``; the prompt's last letter precedes the first completion letter."""
+def proxy_reward(prompts: list[str], completions: list[str], completion_length=None, **kwargs) -> list[float]:
+    """TRL reward function, the proxy: keywords in the completion / the fixed completion length (48, or the
+    dataset's ``completion_length``), so stopping early never pays. Grammar-blind."""
+    lengths = _lengths(completions, completion_length)
+    return [sum(c in KEYWORDS for c in completion) / n for completion, n in zip(completions, lengths, strict=True)]
+
+
+def gold_score(prompts: list[str], completions: list[str], completion_length=None, **kwargs) -> list[float]:
+    """The gold metric (never a training reward): (keywords the grammar allows - forbidden transitions) / the
+    completion length; the prompt's last letter precedes the first completion letter."""
     scores = []
-    for prompt, completion in zip(prompts, completions, strict=True):
+    for prompt, completion, n in zip(prompts, completions, _lengths(completions, completion_length), strict=True):
         _, valid_keywords, invalid = _counts(prompt, completion, _matrix())
-        scores.append((valid_keywords - invalid) / COMPLETION_LENGTH)
+        scores.append((valid_keywords - invalid) / n)
     return scores
 
 
-def invalid_rate(prompts: list[str], completions: list[str]) -> list[float]:
+def invalid_rate(prompts: list[str], completions: list[str], completion_length=None) -> list[float]:
     """Forbidden transitions per completion token (the grammar errors the gold metric subtracts)."""
-    return [_counts(p, c, _matrix())[2] / COMPLETION_LENGTH for p, c in zip(prompts, completions, strict=True)]
+    lengths = _lengths(completions, completion_length)
+    return [_counts(p, c, _matrix())[2] / n for p, c, n in zip(prompts, completions, lengths, strict=True)]
 
 
-def _sft_batch(tokenizer, n: int, seed: int) -> torch.Tensor:
-    texts = sample_text(n, PROMPT_LENGTH + COMPLETION_LENGTH, seed=seed, matrix=_matrix())
+def _sft_batch(tokenizer, n: int, seed: int, completion_length: int = COMPLETION_LENGTH) -> torch.Tensor:
+    texts = sample_text(n, PROMPT_LENGTH + completion_length, seed=seed, matrix=_matrix())
     return torch.tensor(tokenizer(texts, add_special_tokens=False).input_ids)
 
 
-def fit_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, n: int = 256, seed: int = 7) -> dict:
+def fit_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, n: int = 256, seed: int = 7,
+               completion_length: int = COMPLETION_LENGTH) -> dict:
     """How closely ``model`` matches the chain on ``n`` fresh samples, per completion-position token: mean
     KL(chain(.|prev) || model(.|context)), the model's entropy, the chain's, and the probability mass the model puts
     on forbidden transitions (and on ``<eos>``/specials)."""
     matrix = _matrix()
-    ids = _sft_batch(tokenizer, n, seed)
+    ids = _sft_batch(tokenizer, n, seed, completion_length)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[:, PROMPT_LENGTH - 1 : -1].double()
+        logits = model(input_ids=ids.to(model.device)).logits[:, PROMPT_LENGTH - 1 : -1].double().cpu()
     logq = torch.log_softmax(logits, -1)[..., 3:]  # letters only (specials are 0 under the chain)
     q = logq.exp()
     previous = ids[:, PROMPT_LENGTH - 1 : -1] - 3
@@ -193,7 +227,7 @@ def fit_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, n: in
 
 
 def sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, steps: int = SFT_STEPS, seed: int = 0,
-        batch_size: int = SFT_BATCH, lr: float = SFT_LR) -> list[float]:
+        batch_size: int = SFT_BATCH, lr: float = SFT_LR, completion_length: int = COMPLETION_LENGTH) -> list[float]:
     """Next-token SFT on fresh chain samples (every position after the first), AdamW with a cosine decay to 0;
     returns the losses (the chain's entropy rate is the floor)."""
     torch.manual_seed(seed)
@@ -202,7 +236,8 @@ def sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, steps: int =
     model.train()
     losses = []
     for step in range(steps):
-        ids = _sft_batch(tokenizer, batch_size, seed=10_000 * seed + step)
+        ids = _sft_batch(tokenizer, batch_size, seed=10_000 * seed + step, completion_length=completion_length)
+        ids = ids.to(model.device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
@@ -213,15 +248,21 @@ def sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, steps: int =
     return losses
 
 
-def build_testbed(seed: int = 0, steps: int = SFT_STEPS) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    """pi_ref (the toy's 2-layer Qwen2 on the letter vocabulary, SFT'd on the chain for ``steps`` steps, eval mode)
-    and its tokenizer."""
-    tokenizer = build_tokenizer()
-    model = toy.build_model(tokenizer, seed)
-    sft(model, tokenizer, steps=steps, seed=seed)
-    return model, tokenizer
+def build_testbed(seed: int = 0, steps: int | None = None, size: str = "small",
+                  device: str = "cpu") -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+    """pi_ref (by default the toy's 2-layer Qwen2 on the letter vocabulary; ``size="large"``: ~100M parameters)
+    SFT'd on the chain for ``steps`` steps (the size's default when None) on ``device``, back on the CPU in eval
+    mode, and its tokenizer."""
+    spec = SIZES[size]
+    tokenizer = build_tokenizer(spec.completion_length)
+    model = toy.build_model(tokenizer, seed, **spec.architecture).to(device)
+    sft(model, tokenizer, steps=spec.sft_steps if steps is None else steps, seed=seed, batch_size=spec.sft_batch,
+        lr=spec.sft_lr, completion_length=spec.completion_length)
+    return model.cpu(), tokenizer
 
 
-def testbed_model_path(cache_dir: str | os.PathLike | None = None) -> str:
-    """Folder of the default ``build_testbed()`` model and tokenizer, ``<cache_dir>/testbed-v1``, built on first use."""
-    return toy.cached_model_path(CACHE_NAME, build_testbed, cache_dir)
+def testbed_model_path(cache_dir: str | os.PathLike | None = None, size: str = "small") -> str:
+    """Folder of the default ``build_testbed(size=size)`` model and tokenizer, ``<cache_dir>/testbed-v1`` (small)
+    or ``testbed-large-v1``, built on first use (on the GPU when there is one)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return toy.cached_model_path(SIZES[size].cache_name, lambda: build_testbed(size=size, device=device), cache_dir)

@@ -69,21 +69,23 @@ def char_tokenizer(vocabulary: tuple[str, ...], model_max_length: int) -> Qwen2T
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Qwen2ForCausalLM:
-    """A randomly initialised 2-layer Qwen2 (float32) whose generation stops at ``<eos>``."""
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=tokenizer.model_max_length,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **architecture) -> Qwen2ForCausalLM:
+    """A randomly initialised 2-layer Qwen2 (float32) whose generation stops at ``<eos>``; ``architecture``
+    overrides its ``Qwen2Config`` fields (``hidden_size``, ``num_hidden_layers``, ...)."""
+    config = Qwen2Config(**{
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        **architecture,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": tokenizer.model_max_length,
+        "tie_word_embeddings": True,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    })
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
