@@ -233,19 +233,9 @@ def sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, steps: int =
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
-    losses = []
-    for step in range(steps):
-        ids = _sft_batch(tokenizer, batch_size, seed=10_000 * seed + step, completion_length=completion_length)
-        ids = ids.to(model.device)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+    batches = (_sft_batch(tokenizer, batch_size, 10_000 * seed + step, completion_length).to(model.device)
+               for step in range(steps))
+    return toy.supervised_steps(model, ({"input_ids": ids, "labels": ids} for ids in batches), optimizer, schedule)
 
 
 def build_testbed(seed: int = 0, steps: int | None = None, size: str = "small",

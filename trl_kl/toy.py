@@ -180,12 +180,22 @@ def warm_start(
     torch.manual_seed(seed)
     train = _sft_tensors(tokenizer, _split_pairs("train"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    batches = ({key: value[indices] for key, value in train.items()}
+               for indices in torch.randint(len(train["input_ids"]), (steps, batch_size)))
+    return supervised_steps(model, batches, optimizer)
+
+
+def supervised_steps(model: PreTrainedModel, batches, optimizer, schedule=None) -> list[float]:
+    """One optimizer step per batch (model inputs with ``labels``), the model in train mode, then eval mode;
+    ``schedule`` (a learning-rate scheduler) steps after each. Returns the losses."""
     model.train()
     losses = []
-    for indices in torch.randint(len(train["input_ids"]), (steps, batch_size)):
-        loss = model(**{key: value[indices] for key, value in train.items()}).loss
+    for batch in batches:
+        loss = model(**batch).loss
         loss.backward()
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
         optimizer.zero_grad()
         losses.append(loss.item())
     model.eval()
