@@ -430,7 +430,8 @@ def run_one(key: str, regime: str, seed: int, budget: Budget, workdir: str) -> d
     run_task = task(budget.task)
     _, ref, tokenizer = _reference(budget.task, budget.device)
     groups = run_task.held_out(tokenizer, budget.eval_prompts)
-    curves: dict[str, list] = {name: [] for name in ("step", *run_task.metrics, "true_kl", "mc_kl", "entropy", "length")}
+    names = ("step", *run_task.metrics, "true_kl", "mc_kl", "entropy", "length")
+    curves: dict[str, list] = {name: [] for name in names}
     train_log: dict[str, list] = {"step": [], "reward": [], "is/ess": [], "is/clip_frac": [], "kl/seq_kl": []}
 
     def evaluate(model, step):

@@ -147,7 +147,8 @@ def table(results: list[dict], budget) -> str:
     lines = [
         f"Start (pi_ref, before RL): proxy {start['proxy_start'][0]:.3f}, gold {start['gold_start'][0]:.3f}, "
         f"forbidden transitions per token {start['invalid_start'][0]:.3f}, sequence entropy "
-        f"{start['entropy_start'][0]:.1f} nats over {kl_ablation.task(budget.task).max_new_tokens} tokens, true KL 0.",
+        f"{start['entropy_start'][0]:.1f} nats over {kl_ablation.task(budget.task).max_new_tokens} tokens, "
+        "true KL 0.",
         "",
         "| variant | verdict | regime | proxy | gold | gold peak | forbidden / token | true seq. KL | MC check | "
         "seq. entropy | IS ESS: mean (min) |",
@@ -169,9 +170,10 @@ def table(results: list[dict], budget) -> str:
     lines += [
         "",
         f"Final values: mean of the last two evaluations (steps {budget.steps - budget.eval_every} and "
-        f"{budget.steps}; x3 for 3x steps) of each run, then mean ± 95% t-interval half-width over seeds {seeds}. Gold peak: each "
-        "run's best evaluation. Held-out set: "
-        f"{budget.eval_prompts} prompts x {budget.eval_samples} samples at T=1, {kl_ablation.task(budget.task).max_new_tokens} tokens. "
+        f"{budget.steps}; x3 for 3x steps) of each run, then mean ± 95% t-interval half-width over seeds {seeds}. "
+        "Gold peak: each run's best evaluation. Held-out set: "
+        f"{budget.eval_prompts} prompts x {budget.eval_samples} samples at T=1, "
+        f"{kl_ablation.task(budget.task).max_new_tokens} tokens. "
         "Off-policy x2: `num_iterations=2`; x16: `num_iterations=4, steps_per_generation=4`, same optimizer steps "
         "(so 1/2 and 1/16 of the generations). IS ESS: the trainer's `is/ess` averaged over a run's steps, and its "
         "minimum over all steps and seeds (stock TRL logs none).",
@@ -193,7 +195,8 @@ FIGURES = {
     "offpolicy_long": ("Strongly off-policy for 3x the steps (solid) vs on-policy (dashed)",
                        [(k, r) for k in LONG_OFF for r in ("on", "off16long")]),
 }
-PANELS = (("proxy", "proxy reward", "keyword share"), ("gold", "gold metric", "grammatical keywords - errors, per token"),
+PANELS = (("proxy", "proxy reward", "keyword share"),
+          ("gold", "gold metric", "grammatical keywords - errors, per token"),
           ("true_kl", "true sequence KL", "KL(pi(y|x) || pi_ref(y|x)), nats (symlog)"),
           ("entropy", "policy entropy", "sequence entropy, nats"))
 MARKER = "testbed-table"
