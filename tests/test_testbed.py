@@ -96,11 +96,25 @@ def test_build_is_deterministic_per_seed():
 
 
 def test_naive_arm_takes_the_penalty_from_the_current_policy():
-    """The naive off-policy arm differs from eq. 39 only in whose log-probs form the penalty."""
-    import inspect
+    """The naive off-policy arm differs from eq. 39 only in whose log-probs form the penalty: with pi_old != pi_theta
+    its per-token advantage is A - beta (log pi_theta - log pi_ref), by hand; eq. 39's would use log pi_old."""
+    from types import SimpleNamespace
 
-    source = inspect.getsource(testbed_ablation.NaiveCurrentPolicyGRPOTrainer._policy_logps_ready)
-    assert "micro.logps.detach()" in source and "old_logps" not in source
+    from trl_kl.grpo import _MicroBatch
+
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -3.0, -1.0]])
+    old = logps - 0.3  # the rollout policy
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.7, -2.0, -2.0]])
+    inputs = {"advantages": torch.tensor([1.0, -1.0]), "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "completion_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+    micro = _MicroBatch(inputs=dict(inputs))
+    trainer = SimpleNamespace(kl_coef=0.1)
+    testbed_ablation.NaiveCurrentPolicyGRPOTrainer._policy_logps_ready(trainer, micro, SimpleNamespace(logps=logps))
+    expected = inputs["advantages"][:, None] - 0.1 * (logps - ref) * inputs["completion_mask"]
+    assert torch.allclose(micro.inputs["advantages"], expected)
+    assert not torch.allclose(micro.inputs["advantages"], inputs["advantages"][:, None] - 0.1 * (old - ref) *
+                              inputs["completion_mask"])
+    assert inputs["advantages"].dim() == 1  # the rollout's own advantages are not overwritten (a shallow copy)
     variant = kl_ablation.BY_KEY["naive-current"]
     assert variant.overrides["kl_reward_scope"] == "token" and "naive-current" in testbed_ablation.OFF_POLICY
 
