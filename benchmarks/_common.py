@@ -127,6 +127,11 @@ def mean_std(values) -> tuple[float, float]:
     return mean, std
 
 
+def mean(values) -> float:
+    """Mean of the finite values; nan when there are none."""
+    return mean_std(values)[0]
+
+
 def median(values) -> float | None:
     values = sorted(finite(values))
     if not values:

@@ -1,7 +1,7 @@
 """Step-time overhead of trl_kl's GRPOTrainer against stock ``trl.GRPOTrainer``, on the offline toy policy.
 
     python benchmarks/grpo_overhead.py [--quick] [--repeats N] [--output docs/performance.md]
-    python benchmarks/grpo_overhead.py --model wide --repeats 12 --steps 8    # a 3.2M-parameter policy, 16 tokens
+    python benchmarks/grpo_overhead.py --model wide --repeats 24 --steps 8    # a 3.2M-parameter policy, 16 tokens
 
 Compared, at the same beta (0.04), model, batch, seed and max_completion_length:
 

@@ -12,7 +12,7 @@ the right distribution. This benchmark measures that on the offline toy task (``
 group 6 = 96 completions per call), learning rate, beta, loss type (``dapo``, TRL's default) and seed:
 
 * ``stock-on``: stock ``trl.GRPOTrainer``, on-policy (``num_iterations=1``), KL as k3 in the loss (TRL's only
-  option, with its importance ratio): the baseline the issue names;
+  option, with its importance ratio): the baseline;
 * ``trl_kl-on``: ``trl_kl.GRPOTrainer`` defaults (k1 in the per-token reward, return-to-go), on-policy: the
   control that separates the KL placement from sample reuse;
 * ``trl_kl-off2`` / ``trl_kl-off4``: trl_kl, each generation reused for 2 / 4 optimizer steps
@@ -45,7 +45,6 @@ import shutil
 import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +54,8 @@ for path in (ROOT, HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-import kl_ablation  # noqa: E402  (held-out evaluation, worker setup, reference model, number formatting)
+import kl_ablation  # noqa: E402  (held-out evaluation, reference model, number formatting)
+from _common import command_line, machine_line, mean, mean_std, median, run_parallel, write_section  # noqa: E402
 
 MARKER = "offpolicy_efficiency"
 
@@ -209,15 +209,8 @@ def _run_job(job):
 
 
 def run_all(jobs: list[tuple[str, int]], budget: Budget, workers: int, workdir: str) -> list[dict]:
-    import multiprocessing
-
-    payload = [(key, seed, budget, workdir) for key, seed in jobs]
-    if workers <= 1:
-        kl_ablation._init_worker(1)
-        return [_run_job(p) for p in payload]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=kl_ablation._init_worker, initargs=(1,)) as pool:
-        return list(pool.map(_run_job, payload))
+    """Run the jobs in ``workers`` processes (one torch thread each); results in job order."""
+    return run_parallel(_run_job, [(key, seed, budget, workdir) for key, seed in jobs], workers)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -236,19 +229,6 @@ def first_crossing(xs: list[float], ys: list[float], target: float) -> float | N
     return None
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else float("nan")
-
-
-def _std(values):
-    values = [v for v in values if v is not None]
-    if len(values) < 2:
-        return 0.0
-    m = _mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
 def summarize(results: list[dict]) -> dict:
     """Seed-mean curves, the target reward and each arm's calls / seconds to reach it."""
     by_arm: dict[str, list[dict]] = {}
@@ -262,16 +242,16 @@ def summarize(results: list[dict]) -> dict:
         arms[key] = {
             "runs": runs,
             "calls": calls,
-            "reward": [_mean(vals) for vals in zip(*(r["curve"]["reward"] for r in runs), strict=True)],
-            "reward_std": [_std(vals) for vals in zip(*(r["curve"]["reward"] for r in runs), strict=True)],
-            "true_kl": [_mean(vals) for vals in zip(*(r["curve"]["true_kl"] for r in runs), strict=True)],
-            "seconds": [_mean(vals) for vals in zip(*(r["curve"]["seconds"] for r in runs), strict=True)],
-            "ess": _mean([r["ess_mean"] for r in runs]),
-            "rollout_share": _mean([r["generation_seconds"] / r["train_seconds"] for r in runs]),
+            "reward": [mean(vals) for vals in zip(*(r["curve"]["reward"] for r in runs), strict=True)],
+            "reward_std": [mean_std(vals)[1] for vals in zip(*(r["curve"]["reward"] for r in runs), strict=True)],
+            "true_kl": [mean(vals) for vals in zip(*(r["curve"]["true_kl"] for r in runs), strict=True)],
+            "seconds": [mean(vals) for vals in zip(*(r["curve"]["seconds"] for r in runs), strict=True)],
+            "ess": mean([r["ess_mean"] for r in runs]),
+            "rollout_share": mean([r["generation_seconds"] / r["train_seconds"] for r in runs]),
             "seeds": len(runs),
         }
     base = arms[BASELINE]["reward"]
-    target = _mean(base[-2:])
+    target = mean(base[-2:])
     for entry in arms.values():
         entry["calls_to_target"] = first_crossing(entry["calls"], entry["reward"], target)
         entry["seconds_to_target"] = first_crossing(entry["seconds"], entry["reward"], target)
@@ -303,19 +283,11 @@ def seed_ratios(base_runs: list[dict], runs: list[dict], target: float) -> list[
     return ratios
 
 
-def _median(values: list[float]) -> float | None:
-    values = sorted(values)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
 def late_mean(run: dict) -> float:
     """A run's mean held-out reward over its evaluations in the second half of the budget (calls >= half)."""
     calls, rewards = run["curve"]["calls"], run["curve"]["reward"]
     half = calls[-1] / 2
-    return _mean([r for c, r in zip(calls, rewards, strict=True) if c >= half])
+    return mean([r for c, r in zip(calls, rewards, strict=True) if c >= half])
 
 
 def paired_gain(base_runs: list[dict], runs: list[dict], resamples: int = 2000) -> dict:
@@ -326,8 +298,8 @@ def paired_gain(base_runs: list[dict], runs: list[dict], resamples: int = 2000) 
     base = {r["seed"]: late_mean(r) for r in base_runs}
     diffs = [late_mean(r) - base[r["seed"]] for r in runs if r["seed"] in base]
     rng = random.Random(0)
-    boot = sorted(_mean([rng.choice(diffs) for _ in diffs]) for _ in range(resamples))
-    return {"mean": _mean(diffs), "low": boot[int(0.025 * resamples)], "high": boot[int(0.975 * resamples) - 1],
+    boot = sorted(mean([rng.choice(diffs) for _ in diffs]) for _ in range(resamples))
+    return {"mean": mean(diffs), "low": boot[int(0.025 * resamples)], "high": boot[int(0.975 * resamples) - 1],
             "n": len(diffs)}
 
 
@@ -391,7 +363,7 @@ def table(summary: dict, budget: Budget) -> str:
         if key != BASELINE:
             g = e["gain"]
             ratios = e["seed_call_ratios"]
-            per_seed = (f"{_median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}] ({len(ratios)})" if ratios
+            per_seed = (f"{median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}] ({len(ratios)})" if ratios
                         else "-")
             gains.append(f"| {BY_KEY[key].label} | {g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}] | {per_seed} | "
                          f"{_f(e['break_even_share'], 2, '-')} |")
@@ -424,18 +396,6 @@ def plot(summary: dict, path: Path, what: str = "held-out reward", where: str = 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def write_section(md_path: Path, body: str, marker: str = MARKER) -> None:
-    """Replace (or append) the text between ``marker``'s markers in ``md_path``."""
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    block = f"{start}\n{body}\n{end}"
-    text = md_path.read_text() if md_path.exists() else "# Performance\n"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    md_path.write_text(text)
 
 
 def section(summary: dict, budget: Budget, meta: dict, png_name: str) -> str:
@@ -501,14 +461,6 @@ def testbed_section(summary: dict, budget: Budget, meta: dict, png_name: str) ->
     )
 
 
-def machine() -> str:
-    import platform
-
-    import torch
-
-    return f"{os.cpu_count()} CPU cores, torch {torch.__version__}, python {platform.python_version()}"
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 arms, 2 seeds, 8 calls")
@@ -537,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or ("outputs/offpolicy_efficiency_quick" if args.quick else ROOT / "docs"))
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{stem}.json"
-    command = kl_ablation.command_line("offpolicy_efficiency.py", argv)
+    command = command_line("offpolicy_efficiency.py", argv)
 
     if args.plot_only:
         saved = json.loads(json_path.read_text())
@@ -557,7 +509,7 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         meta = {"command": command, "seconds": time.time() - start, "workers": args.workers, "seeds": seeds,
-                "machine": machine()}
+                "machine": machine_line()}
         json_path.write_text(json.dumps({"budget": budget.__dict__, "meta": meta, "results": results}))
 
     summary = summarize(results)
@@ -565,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
     body = section(summary, budget, meta, png.name)
     print(body)
     if not args.quick:
-        write_section(out / "performance.md", body, stem)
+        write_section(out / "performance.md", stem, body)
     print("wrote", json_path, png, *([] if args.quick else [out / "performance.md"]))
     return {"summary": summary, "results": results, "budget": budget}
 

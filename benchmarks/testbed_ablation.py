@@ -38,6 +38,7 @@ for _path in (ROOT, HERE):
         sys.path.insert(0, str(_path))
 
 import kl_ablation  # noqa: E402
+from _common import command_line, mean_std  # noqa: E402
 
 from trl_kl import GRPOTrainer, kl, testbed  # noqa: E402
 
@@ -159,7 +160,7 @@ def table(results: list[dict], budget) -> str:
     for (key, regime), s in sorted(summary.items(), key=lambda kv: (regimes.index(kv[0][1]), order[kv[0][0]])):
         v = kl_ablation.BY_KEY[key]
         peaks = [max(r["curves"]["gold"]) for r in s["runs"]]
-        peak = kl_ablation._mean_std(peaks)
+        peak = mean_std(peaks)
         ess = "1 (on-policy)" if regime == "on" else f"{s['ess'][0]:.2f} (min {s['ess_min']:.2f})"
         lines.append(
             f"| `{key}` ({v.label}) | {v.verdict} | {kl_ablation.REGIME_LABELS[regime]} | {fmt(s, 'proxy')} | "
@@ -212,8 +213,7 @@ def plot(results: list[dict], out: Path, budget, names: list[str] | None = None)
 
 def write_table(md_path: Path, text: str, command: str) -> None:
     """The table between this benchmark's markers in ``md_path`` (appended when missing)."""
-    kl_ablation.write_table(md_path, text, command, f"<!-- {MARKER}:start -->", f"<!-- {MARKER}:end -->",
-                            "# KL ablation\n")
+    kl_ablation.write_table(md_path, text, command, MARKER, "# KL ablation\n")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or ("outputs/testbed_ablation_quick" if args.quick else ROOT / "docs"))
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "kl_ablation_testbed.json"
-    command = kl_ablation.command_line("testbed_ablation.py", argv)
+    command = command_line("testbed_ablation.py", argv)
     if args.plot_only:
         saved = json.loads(json_path.read_text())
         results, budget, command = saved["results"], kl_ablation.Budget(**saved["budget"]), saved["command"]
