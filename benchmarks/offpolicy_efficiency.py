@@ -317,34 +317,41 @@ def _f(x, digits=3, none="not reached"):
     return none if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+TARGET_WORDS = {  # how the table names the target metric: (short, long, plural, whose rollout share)
+    "reward": ("reward", "held-out reward", "Rewards", "toy's measured share"),
+    "gold": ("gold", "held-out gold score", "Gold scores", "measured share"),
+}
+
+
 def table(summary: dict, budget: Budget) -> str:
+    short, long, plural, share = TARGET_WORDS[budget.target]
     arms = summary["arms"]
     order = [a.key for a in ARMS if a.key in arms]
     mid = len(arms[order[0]]["calls"]) // 2
     mid_calls = arms[order[0]]["calls"][mid]
     lines = [
-        f"Target: held-out reward {summary['target']:.3f} (stock on-policy's seed mean at its last two evaluations, "
-        f"{budget.calls - budget.eval_every} and {budget.calls} generation calls). Rewards are seed means +- std; "
+        f"Target: {long} {summary['target']:.3f} (stock on-policy's seed mean at its last two evaluations, "
+        f"{budget.calls - budget.eval_every} and {budget.calls} generation calls). {plural} are seed means +- std; "
         "'calls/seconds to target': first crossing of the seed-mean curve (linear between evaluations); "
         "per-seed crossings in brackets ('-': that seed never reached it); ratio = stock-on's / the arm's (> 1: "
         "fewer needed). 'Rollout share': the fraction of training time spent in `_generate_and_score_completions` "
         "(generation, rewards, reference and old log-probs).",
         "",
-        "| arm | seeds | optimizer steps | reward at 0 calls | reward at "
-        f"{mid_calls} calls | reward at {budget.calls} calls | true KL at {budget.calls} calls | mean ESS | "
+        f"| arm | seeds | optimizer steps | {short} at 0 calls | {short} at "
+        f"{mid_calls} calls | {short} at {budget.calls} calls | true KL at {budget.calls} calls | mean ESS | "
         "calls to target [per seed] | call ratio | training s to target [per seed] | time ratio | rollout share of time |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|",
     ]
     gains = [
         "",
-        f"Less sensitive to where one noisy curve crosses the target: each arm's mean held-out reward over the second "
+        f"Less sensitive to where one noisy curve crosses the target: each arm's mean {long} over the second "
         f"half of the budget (evaluations at >= {budget.calls // 2} calls) minus stock on-policy's, paired by seed, "
         "with a 95% bootstrap interval over seeds; the call ratio per seed (stock on-policy's crossing / the arm's, "
         "each seed's own curves, seeds where both reach the target); and, from the seed-mean call ratio, the on-policy rollout share above which the arm would "
-        "also win on wall time (model: a call costs its rollout plus num_iterations updates; toy's measured share "
+        f"also win on wall time (model: a call costs its rollout plus num_iterations updates; {share} "
         f"{summary['baseline_rollout_share']:.2f}).",
         "",
-        "| arm | reward gain vs stock on-policy, 2nd half [95% CI] | per-seed call ratio: median [min, max] (seeds) "
+        f"| arm | {short} gain vs stock on-policy, 2nd half [95% CI] | per-seed call ratio: median [min, max] (seeds) "
         "| break-even rollout share |",
         "|---|---|---|---:|",
     ]
@@ -430,10 +437,6 @@ def testbed_section(summary: dict, budget: Budget, meta: dict, png_name: str) ->
     """The testbed's section: the same table with the gold score as the target metric, and the rollout share."""
     arms = summary["arms"]
     rows = table(summary, budget)
-    for old, new in (("held-out reward", "held-out gold score"), ("reward at", "gold at"),
-                     ("reward gain", "gold gain"), ("Rewards are", "Gold scores are"),
-                     ("toy's measured share", "measured share")):
-        rows = rows.replace(old, new)
     best = max((k for k in arms if k != BASELINE and arms[k]["call_ratio"]), key=lambda k: arms[k]["call_ratio"],
                default=None)
     fastest = max((k for k in arms if k != BASELINE and arms[k]["seconds_ratio"]),
@@ -513,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict:
         json_path.write_text(json.dumps({"budget": budget.__dict__, "meta": meta, "results": results}))
 
     summary = summarize(results)
-    png = plot(summary, out / f"{stem}.png", *(("held-out gold score", "the testbed") if args.testbed else ()))
+    png = plot(summary, out / f"{stem}.png", TARGET_WORDS[budget.target][1], "the testbed" if args.testbed else "the toy task")
     body = section(summary, budget, meta, png.name)
     print(body)
     if not args.quick:

@@ -222,16 +222,21 @@ def check_generation_kwargs(config) -> None:
         check_bool("generation_kwargs['do_sample']", kwargs["do_sample"])
 
 
+def changed_settings(config, names) -> str:
+    """``"name=value, ..."`` for the fields of ``names`` set away from their dataclass defaults ("" when none is):
+    what an error about fields that would have no effect names."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    return ", ".join(f"{name}={getattr(config, name)!r}" for name in names if getattr(config, name) != defaults[name])
+
+
 def check_reference_sync_fields(config) -> None:
     """TR-DPO's reference sync (GRPO, PPO, DPO): ``ref_model_mixup_alpha`` in [0, 1], ``ref_model_sync_steps`` >= 1,
     and neither set away from its default without ``sync_ref_model=True``, where TRL ignores them."""
     check_number("ref_model_mixup_alpha", config.ref_model_mixup_alpha, at_least=0, at_most=1)
     check_int("ref_model_sync_steps", config.ref_model_sync_steps, at_least=1)
     if not config.sync_ref_model:
-        defaults = {f.name: f.default for f in dataclasses.fields(config)}
-        changed = [n for n in ("ref_model_mixup_alpha", "ref_model_sync_steps") if getattr(config, n) != defaults[n]]
-        if changed:
-            settings = ", ".join(f"{name}={getattr(config, name)!r}" for name in changed)
+        settings = changed_settings(config, ("ref_model_mixup_alpha", "ref_model_sync_steps"))
+        if settings:
             raise ValueError(
                 f"{settings} only acts when the reference is synced with the policy: set sync_ref_model=True, or "
                 "leave it at its default."
@@ -280,22 +285,21 @@ def truncated_sampling(config) -> list[str]:
     return [f"{name}={value!r}" for name, value in values.items() if not _UNTRUNCATED[name](value)]
 
 
-def check_loss_masks(config, kl_in_advantage: bool) -> None:
+def check_loss_masks(config, kl_in_advantage: bool, outside: str = "kl_placement='loss'") -> None:
     """TRL's loss masks (``top_entropy_quantile < 1``, ``off_policy_mask_threshold``) multiply its per-token loss; a
     KL penalty carried in the advantage would be dropped wherever they are 0, so the update would no longer follow
-    the sequence KL (stock TRL adds its own KL after the masks). Refused there unless ``allow_unsound_kl``."""
+    the sequence KL (stock TRL adds its own KL after the masks). Refused there unless ``allow_unsound_kl``; the error
+    names ``outside``, the settings that keep the KL a term of its own."""
     masks = [f"top_entropy_quantile={config.top_entropy_quantile}"] if config.top_entropy_quantile < 1 else []
     if config.off_policy_mask_threshold is not None:
         masks.append(f"off_policy_mask_threshold={config.off_policy_mask_threshold}")
     if kl_in_advantage and masks and not config.allow_unsound_kl:
-        alternatives = ("kl_importance_weight='sequence' or kl_placement='loss'"
-                        if hasattr(config, "kl_importance_weight") else "kl_placement='loss'")
         raise ValueError(
             f"{' and '.join(masks)} with the KL in the reward: TRL multiplies its per-token loss by these masks "
             "(low-entropy tokens; negative-advantage sequences that drifted from the sampler), and with "
             "kl_placement='reward' the advantages in that loss carry the KL penalty, so the penalty would be dropped "
             "wherever the mask is 0 and the update would no longer follow the sequence KL (stock TRL adds its own "
-            f"KL after the masks). Use {alternatives} (the KL as its own term, outside the masks), drop the mask, "
+            f"KL after the masks). Use {outside} (the KL as its own term, outside the masks), drop the mask, "
             "or set allow_unsound_kl=True for an ablation."
         )
 
@@ -563,9 +567,8 @@ class KLConfigMixin:
             return
         if self.kl_target is not None:
             raise ValueError("kl_target adapts beta multiplicatively, so it needs an initial beta > 0 (e.g. 0.04).")
-        changed = [name for name in self.KL_FIELDS if getattr(self, name) != self._default(name)]
-        if changed:
-            settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in changed)
+        settings = changed_settings(self, self.KL_FIELDS)
+        if settings:
             raise ValueError(
                 f"beta=0 turns the KL term off (TRL's default: no reference model, no KL), so {settings} would have no "
                 "effect: set beta > 0 (e.g. 0.04), or leave these fields at their defaults."

@@ -148,7 +148,7 @@ class GRPOConfig(KLConfigMixin, trl.GRPOConfig):
                 "outside TRL's ratio: every scope), importance_sampling_level='token', or allow_unsound_kl=True for "
                 "an ablation."
             )
-        check_loss_masks(self, kl_in_advantage)
+        check_loss_masks(self, kl_in_advantage, outside="kl_importance_weight='sequence' or kl_placement='loss'")
 
     def _kl_loss_weighted_with_gradient(self) -> bool:
         return (

@@ -30,6 +30,7 @@ lock, atomic rename) in about a minute on 2 CPU cores.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -120,7 +121,7 @@ def entropy_rate(matrix: torch.Tensor) -> float:
 
 def sample_text(n: int, length: int, seed: int, matrix: torch.Tensor | None = None) -> list[str]:
     """``n`` strings of ``length`` letters from the chain, the first letter from its stationary distribution."""
-    matrix = transition_matrix() if matrix is None else matrix
+    matrix = _matrix() if matrix is None else matrix
     generator = torch.Generator().manual_seed(seed)
     state = torch.multinomial(stationary(matrix).expand(n, -1), 1, generator=generator).squeeze(-1)
     rows = [state]
@@ -161,13 +162,10 @@ def _counts(prompt: str, completion: str, matrix: torch.Tensor) -> tuple[int, in
     return keywords, valid_keywords, invalid
 
 
-_MATRIX: list[torch.Tensor] = []
-
-
+@functools.cache
 def _matrix() -> torch.Tensor:
-    if not _MATRIX:
-        _MATRIX.append(transition_matrix())
-    return _MATRIX[0]
+    """The language's transition matrix (``transition_matrix()``), built once."""
+    return transition_matrix()
 
 
 def _lengths(completions: list[str], completion_length) -> list[int]:
