@@ -518,7 +518,6 @@ def numeric_fault(kind: str, case: str, work: Path) -> dict:
     trainer's dangerous config field set to NaN: DPO ``beta``, PPO ``vf_coef``, GRPO ``beta``)."""
 
     def run():
-        import torch
 
         overrides = dict(max_steps=4, save_strategy="no")
         if case.endswith("_skip"):

@@ -38,7 +38,6 @@ import dataclasses
 import importlib.util
 import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path

@@ -7,7 +7,7 @@ import pytest
 import torch
 import trl
 
-from grpo_batch import B, G, assert_same_rollout_advantages, fixed_batch, loss_and_gradient, make_config, make_trainer
+from grpo_batch import B, assert_same_rollout_advantages, fixed_batch, loss_and_gradient, make_config, make_trainer
 from trl_kl import GRPOConfig, GRPOTrainer, kl
 from trl_kl.toy import correctness_reward, make_dataset
 

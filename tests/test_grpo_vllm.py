@@ -20,14 +20,13 @@ one micro-batch forward and backward. ~15 s on the 2 shared cores.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 
 import pytest
 import torch
 
 from grpo_batch import make_config, make_trainer
-from trl_kl import _trl, importance, kl
+from trl_kl import _trl, kl
 from trl_kl import exact_gradients as eg
 from trl_kl.advantages import effective_sample_size
 from vllm_double import FakeVLLMGeneration, attach

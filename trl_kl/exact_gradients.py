@@ -30,11 +30,10 @@ The printed tables are in ``trl_kl.verify`` (``python -m trl_kl.verify``); the d
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
